@@ -1,0 +1,1 @@
+"""Transports: the NSM device and vsock (real or emulated)."""

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The whole test suite: lint (as tests), unit, property, e2e, and Ansible tests, in one pytest run
+# so that the output ends with pytest's summary. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+if [ "$(id -u)" = 0 ]; then
+    scripts/ensure-docker.sh
+fi
+exec .venv/bin/python -m pytest "$@"
