@@ -457,7 +457,7 @@ def _start_enclave(
             file=sys.stderr,
         )
         heartbeat_timeout = timeout or boot_timeout(eif_size, record.memory_mib)
-        process_id = _launch(state, record, heartbeat_timeout)
+        process_id = _launch(state, record, image, heartbeat_timeout)
         return state.mark_running(record, process_id)
     except BaseException:
         state.remove(record.enclave_id)
@@ -527,12 +527,14 @@ def boot_timeout(eif_size: int, memory_mib: int) -> float:
     return (eif_steps + memory_steps) * BOOT_TIMEOUT_STEP
 
 
-def _launch(state: EmulatorState, record: EnclaveRecord, heartbeat_timeout: float) -> int:
+def _launch(
+    state: EmulatorState, record: EnclaveRecord, image: EifImage, heartbeat_timeout: float
+) -> int:
     launcher = _launcher()
     request = launcher.LaunchRequest(
         root=state.root,
         record=record,
-        eif_path=record.eif_path,
+        image=image,
         debug_mode=record.debug_mode,
         heartbeat_timeout=heartbeat_timeout,
     )

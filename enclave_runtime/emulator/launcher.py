@@ -10,7 +10,6 @@ and is never left a zombie of a long-lived caller.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import select
 import shutil
@@ -28,7 +27,7 @@ from enclave_runtime.emulator import nitro_cli_errors as errors
 from enclave_runtime.emulator.sandbox import HEARTBEAT, HEARTBEAT_PORT, SandboxSpec
 from enclave_runtime.emulator.state import EnclaveRecord
 from enclave_runtime.formats import cpio
-from enclave_runtime.formats.eif import EifImage, EifSection, read_eif
+from enclave_runtime.formats.eif import EifImage
 from enclave_runtime.formats.vsock_ports import PARENT_CID
 from enclave_runtime.transport.vsock import EmulatedFabric
 
@@ -43,7 +42,7 @@ PROCESS_LOG = "enclave-process.log"
 class LaunchRequest:
     root: Path
     record: EnclaveRecord
-    eif_path: Path
+    image: EifImage  # already read and CRC-checked by run-enclave
     debug_mode: bool
     heartbeat_timeout: float
 
@@ -57,11 +56,14 @@ def launch(request: LaunchRequest) -> int:
     record = request.record
     run_dir = Path(record.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    image = read_eif(request.eif_path)
+    image = request.image
     spec = SandboxSpec(
         enclave_id=record.enclave_id,
         cid=record.enclave_cid,
-        lowerdirs=[str(unpack_ramdisk(request.root, image, s)) for s in image.ramdisk_sections()],
+        lowerdirs=[
+            str(unpack_ramdisk(request.root, image, index))
+            for index in range(len(image.ramdisk_sections()))
+        ],
         upperdir=str(run_dir / "upper"),
         workdir=str(run_dir / "work"),
         merged=str(run_dir / "merged"),
@@ -85,18 +87,20 @@ def launch(request: LaunchRequest) -> int:
     return pid
 
 
-def unpack_ramdisk(root: Path, image: EifImage, section: EifSection) -> Path:
-    """The ramdisk's tree under ``root/cache/ramdisks/<sha256>``, unpacked once and shared."""
-    with image.open_section(section) as data:
-        digest = hashlib.sha256()
-        while chunk := data.read(1 << 20):
-            digest.update(chunk)
+def unpack_ramdisk(root: Path, image: EifImage, index: int) -> Path:
+    """Ramdisk ``index`` unpacked under ``root/cache/ramdisks/``, once per content.
+
+    The key is the image's PCR0 and the ramdisk's position: PCR0 measures every ramdisk in order,
+    so it names their content without hashing the bytes again.
+    """
+    section = image.ramdisk_sections()[index]
+    key = f"{image.measurements.pcr0.hex()}-{index}"
     cache = root / "cache" / "ramdisks"
-    target = cache / digest.hexdigest()
+    target = cache / key
     if target.is_dir():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    staging = cache / f".{digest.hexdigest()}.{os.getpid()}"
+    staging = cache / f".{key}.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from enclave_runtime.emulator import cli, nitro_cli_errors
+from enclave_runtime.emulator.launcher import LaunchRequest
 from enclave_runtime.emulator.state import (
     STATE_RUNNING,
     EmulatorState,
@@ -49,15 +50,6 @@ E39_TAIL = (
     "fails to connect to at least one enclave process for retrieving the description "
     f"information.\n\n{HELP}#E39\n\n"
 )
-
-
-@dataclasses.dataclass
-class LaunchRequest:
-    root: Path
-    record: EnclaveRecord
-    eif_path: Path
-    debug_mode: bool
-    heartbeat_timeout: float
 
 
 class FakeLauncher:
@@ -217,7 +209,7 @@ def test_run_enclave_hands_the_launcher_the_booked_record(emu, eif) -> None:
     request = emu.launcher.requests[0]
 
     assert request.root == emu.root
-    assert request.eif_path == eif
+    assert request.image.path == eif
     assert request.debug_mode is True
     assert request.record.enclave_id == info["EnclaveID"]
     assert request.record.cpu_ids == (2,)
