@@ -91,12 +91,16 @@ def main() -> int:
         cached = min(boot_once(eif, env) for _ in range(args.runs))
         copy = min(copy_once(eif, work) for _ in range(args.runs))
     finally:
-        subprocess.run([NITRO_EMU, "terminate-enclave", "--all"], env=env, capture_output=True)
+        subprocess.run(
+            [NITRO_EMU, "terminate-enclave", "--all"], env=env, capture_output=True, check=False
+        )
         shutil.rmtree(work, ignore_errors=True)
     print(f"EIF: {size_mb:.0f} MB")
     print(f"copy of the EIF (baseline): {copy * 1000:8.1f} ms")
     print(f"first boot (unpacks):       {first * 1000:8.1f} ms   ratio {first / copy:6.1f}x")
-    print(f"cached boot (best of {args.runs}):  {cached * 1000:8.1f} ms   ratio {cached / copy:6.1f}x")
+    print(
+        f"cached boot (best of {args.runs}):  {cached * 1000:8.1f} ms   ratio {cached / copy:6.1f}x"
+    )
     return 0
 
 
