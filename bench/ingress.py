@@ -1,0 +1,390 @@
+"""Ingress through the emulated fabric, against direct loopback TCP and socat, in the same run.
+
+Topology (each proxy in its own process, as on a real parent and enclave):
+
+    client -> host ingress proxy (TCP) -> vsock(16, P) on the fabric -> odyn ingress -> app:P
+
+Baselines: the client straight to the app (direct loopback TCP), and the same two hops built
+from socat (``TCP-LISTEN -> UNIX-CONNECT``, ``UNIX-LISTEN -> TCP``). Figures: bulk throughput on
+one connection, p50 round trip of 64-byte messages (added latency per hop), new connections per
+second (connect, one echo, close), and 1000 concurrent connections held (errors, and the proxies'
+open file descriptors before and after). Goals: >= 0.5 of direct, >= 1.0 of socat, <= 60 us per
+hop. Run: ``.venv/bin/python bench/ingress.py``; it starts and stops everything it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+BULK_BYTES = 512 * 1024 * 1024
+BULK_ROUNDS = 3
+PINGS = 3000
+NEW_CONNECTIONS = 500
+CONCURRENT = 1000
+CHUNK = 1024 * 1024
+ENCLAVE_CID = 16
+HOPS = 2
+MODE_SINK = b"S"
+MODE_ECHO = b"E"
+READY_TIMEOUT = 20.0
+
+
+# --- the app: a sink (counts bytes until EOF) and an echo, one thread per connection ------------
+
+
+def _serve_app(connection: socket.socket) -> None:
+    with connection:
+        mode = connection.recv(1)
+        if mode == MODE_SINK:
+            buffer = bytearray(CHUNK)
+            total = 0
+            while received := connection.recv_into(buffer):
+                total += received
+            connection.sendall(struct.pack("<Q", total))
+        elif mode == MODE_ECHO:
+            while data := connection.recv(65536):
+                connection.sendall(data)
+
+
+def run_app(port: int) -> None:
+    listener = socket.create_server(("127.0.0.1", port), backlog=2048)
+    print(f"ready {listener.getsockname()[1]}", flush=True)
+    while True:
+        connection, _ = listener.accept()
+        threading.Thread(target=_serve_app, args=(connection,), daemon=True).start()
+
+
+# --- our proxies, each run in its own process -----------------------------------------------
+
+
+def run_enclave_ingress(port: int, config_dir: str) -> None:
+    from enclave_runtime.formats.manifest import Ingress
+    from enclave_runtime.odyn.ingress import start_ingress
+
+    async def serve() -> None:
+        await start_ingress([Ingress(port)], config_dir)
+        print(f"ready {port}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+def run_host_ingress(port: int) -> None:
+    from enclave_runtime.host.ingress_proxy import start_ingress_proxy
+
+    async def serve() -> None:
+        proxy = await start_ingress_proxy(
+            ENCLAVE_CID, [port], bind_host="127.0.0.1", host_ports={port: 0}
+        )
+        print(f"ready {proxy.bound[port]}", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(serve())
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    process: subprocess.Popen[str]
+    port: int
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+
+
+def start_role(
+    role: str, *args: str, env: dict[str, str] | None = None, script: str = __file__
+) -> Service:
+    """Run ``script`` (this file) as ``role`` and wait for its ``ready <port>`` line."""
+    command = [sys.executable, script, "--role", role, *args]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+    )
+    return Service(process, _ready_port(process, role))
+
+
+def start_command(command: list[str], wait_for: tuple[str, int] | str) -> Service:
+    """Run an outside command (socat) and wait until it accepts connections."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, text=True)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), _probe(wait_for):
+            return Service(process, wait_for[1] if isinstance(wait_for, tuple) else 0)
+        time.sleep(0.02)
+    process.kill()
+    raise RuntimeError(f"{command[0]} did not start listening")
+
+
+@contextlib.contextmanager
+def _probe(address: tuple[str, int] | str) -> Iterator[None]:
+    family = socket.AF_INET if isinstance(address, tuple) else socket.AF_UNIX
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.connect(address)
+        yield
+
+
+def _ready_port(process: subprocess.Popen[str], role: str) -> int:
+    assert process.stdout is not None
+    result: list[str] = []
+    reader = threading.Thread(target=lambda: result.append(process.stdout.readline()))  # type: ignore[union-attr]
+    reader.start()
+    reader.join(READY_TIMEOUT)
+    if not result or not result[0].startswith("ready "):
+        process.kill()
+        raise RuntimeError(f"{role} did not start: {result[:1]}")
+    return int(result[0].split()[1])
+
+
+def stop(services: list[Service]) -> None:
+    for service in services:
+        service.process.terminate()
+    for service in services:
+        try:
+            service.process.wait(5)
+        except subprocess.TimeoutExpired:
+            service.process.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# --- measurements ----------------------------------------------------------------------------
+
+Opener = Callable[[], socket.socket]
+
+
+@dataclass
+class Figures:
+    throughput: float  # bytes per second
+    p50_rtt: float  # seconds
+    connections_per_second: float
+    concurrent_errors: int
+    fds_before: list[int]
+    fds_after: list[int]
+
+
+def connect_to(port: int, preface: bytes = b"") -> socket.socket:
+    """A TCP connection to ``port``; ``preface`` (an HTTP CONNECT) is answered before use."""
+    conn = socket.create_connection(("127.0.0.1", port), timeout=30)
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if preface:
+        conn.sendall(preface)
+        head = b""
+        while not head.endswith(b"\r\n\r\n"):
+            chunk = conn.recv(1)
+            if not chunk:
+                raise ConnectionError("the proxy closed the connection")
+            head += chunk
+        if not head.startswith(b"HTTP/1.1 200 "):
+            raise ConnectionError(head.decode(errors="replace"))
+    return conn
+
+
+def bulk_throughput(open_connection: Opener) -> float:
+    payload = os.urandom(CHUNK)
+    best = 0.0
+    for _ in range(BULK_ROUNDS):
+        conn = open_connection()
+        with conn:
+            started = time.perf_counter()
+            conn.sendall(MODE_SINK)
+            for _ in range(BULK_BYTES // CHUNK):
+                conn.sendall(payload)
+            conn.shutdown(socket.SHUT_WR)
+            counted = struct.unpack("<Q", _recv_exactly(conn, 8))[0]
+            elapsed = time.perf_counter() - started
+        if counted != BULK_BYTES:
+            raise RuntimeError(f"the sink counted {counted} bytes, not {BULK_BYTES}")
+        best = max(best, BULK_BYTES / elapsed)
+    return best
+
+
+def p50_round_trip(open_connection: Opener) -> float:
+    message = b"m" * 64
+    samples = []
+    with open_connection() as conn:
+        conn.sendall(MODE_ECHO)
+        for _ in range(PINGS):
+            started = time.perf_counter()
+            conn.sendall(message)
+            _recv_exactly(conn, len(message))
+            samples.append(time.perf_counter() - started)
+    return statistics.median(samples[PINGS // 10 :])  # without the warm-up
+
+
+def connection_rate(open_connection: Opener) -> float:
+    started = time.perf_counter()
+    for _ in range(NEW_CONNECTIONS):
+        with open_connection() as conn:
+            conn.sendall(MODE_ECHO + b"x")
+            _recv_exactly(conn, 1)
+    return NEW_CONNECTIONS / (time.perf_counter() - started)
+
+
+def hold_concurrent(open_connection: Opener) -> int:
+    """Open CONCURRENT echo connections, check each, hold them all, close; count errors."""
+    errors = 0
+    held = []
+    for index in range(CONCURRENT):
+        try:
+            conn = open_connection()
+            message = b"%d;" % index
+            conn.sendall(MODE_ECHO + message)
+            if _recv_exactly(conn, len(message)) != message:
+                errors += 1
+            held.append(conn)
+        except OSError:
+            errors += 1
+    for conn in held:
+        conn.close()
+    return errors
+
+
+def settled_fds(proxies: list[Service], expected: list[int]) -> list[int]:
+    """The proxies' descriptor counts once they have closed what the clients closed (<= 10 s)."""
+    deadline = time.monotonic() + 10
+    counts = [proxy.open_fds() for proxy in proxies]
+    while counts != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+        counts = [proxy.open_fds() for proxy in proxies]
+    return counts
+
+
+def measure(open_connection: Opener, proxies: list[Service], concurrent: bool = True) -> Figures:
+    """Every figure for one topology; ``concurrent=False`` skips holding CONCURRENT connections
+    (socat forks two processes per connection: 2000 processes prove nothing about socat)."""
+    before = [proxy.open_fds() for proxy in proxies]  # listeners only: nothing connected yet
+    throughput = bulk_throughput(open_connection)
+    rtt = p50_round_trip(open_connection)
+    rate = connection_rate(open_connection)
+    errors = hold_concurrent(open_connection) if concurrent else -1
+    after = settled_fds(proxies, before)
+    return Figures(throughput, rtt, rate, errors, before, after)
+
+
+def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("closed early")
+        data += chunk
+    return data
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def report(name: str, direct: Figures, ours: Figures, socat: Figures | None) -> None:
+    mb = 1024 * 1024
+    print(f"{'':24}{'direct':>12}{'socat':>12}{name:>12}")
+    rows = [
+        ("throughput (MB/s)", lambda f: f"{f.throughput / mb:.0f}"),
+        ("p50 round trip (us)", lambda f: f"{f.p50_rtt * 1e6:.1f}"),
+        ("new connections/s", lambda f: f"{f.connections_per_second:.0f}"),
+        (f"{CONCURRENT} held: errors", lambda f: f"{f.concurrent_errors}".replace("-1", "-")),
+    ]
+    for label, show in rows:
+        socat_text = show(socat) if socat else "-"
+        print(f"{label:24}{show(direct):>12}{socat_text:>12}{show(ours):>12}")
+    print(f"throughput vs direct:   {ours.throughput / direct.throughput:6.2f}  (goal >= 0.5)")
+    if socat is not None:
+        print(f"throughput vs socat:    {ours.throughput / socat.throughput:6.2f}  (goal >= 1.0)")
+        print(
+            "connections/s vs socat: "
+            f"{ours.connections_per_second / socat.connections_per_second:6.2f}"
+        )
+    else:
+        print("socat baseline skipped: socat is not installed (apt-get install socat)")
+    added = (ours.p50_rtt - direct.p50_rtt) / HOPS * 1e6
+    print(f"added p50 per hop (us): {added:6.1f}  (goal <= 60; {HOPS} hops, round trip / 2)")
+    leaked = [after - before for before, after in zip(ours.fds_before, ours.fds_after)]
+    print(
+        f"{CONCURRENT} concurrent: {ours.concurrent_errors} errors; proxy descriptors before "
+        f"{ours.fds_before}, after {ours.fds_after} (leaked: {sum(leaked)})"
+    )
+
+
+def socat_relay(workdir: Path, listen_port: int, target_port: int) -> list[Service]:
+    """The same two hops as ours, built from socat: TCP -> Unix socket -> TCP."""
+    socat = shutil.which("socat")
+    assert socat is not None
+    path = str(workdir / "socat.sock")
+    inner = start_command([socat, f"UNIX-LISTEN:{path},fork", f"TCP:127.0.0.1:{target_port}"], path)
+    outer = start_command(
+        [
+            socat,
+            f"TCP-LISTEN:{listen_port},bind=127.0.0.1,fork,reuseaddr,backlog=2048",
+            f"UNIX-CONNECT:{path}",
+        ],
+        ("127.0.0.1", listen_port),
+    )
+    return [outer, inner]
+
+
+def main() -> int:
+    services: list[Service] = []
+    with tempfile.TemporaryDirectory(prefix="ib", dir="/tmp") as workdir:
+        emu = {"NITRO_EMU_ROOT": workdir}
+        try:
+            app = start_role("app", str(free_port()))
+            services.append(app)
+            enclave = start_role(
+                "enclave-ingress",
+                str(app.port),
+                workdir,
+                env={**emu, "NITRO_EMU_CID": str(ENCLAVE_CID)},
+            )
+            host = start_role("host-ingress", str(app.port), env=emu)
+            services += [enclave, host]
+            direct = measure(lambda: connect_to(app.port), [])
+            ours = measure(lambda: connect_to(host.port), [host, enclave])
+            socat = None
+            if shutil.which("socat"):
+                relay = socat_relay(Path(workdir), free_port(), app.port)
+                services += relay
+                socat = measure(lambda: connect_to(relay[0].port), [], concurrent=False)
+        finally:
+            stop(services)
+    report("ours", direct, ours, socat)
+    return 0
+
+
+def _roles() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--role", choices=("app", "enclave-ingress", "host-ingress"))
+    parser.add_argument("args", nargs="*")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    options = _roles()
+    if options.role == "app":
+        run_app(int(options.args[0]))
+    elif options.role == "enclave-ingress":
+        run_enclave_ingress(int(options.args[0]), options.args[1])
+    elif options.role == "host-ingress":
+        run_host_ingress(int(options.args[0]))
+    else:
+        sys.exit(main())
