@@ -875,14 +875,30 @@ class _Listener:
     default: str = ""  # how the port was derived, when the manifest does not say it
 
 
-def _tcp_listeners(doc: dict[str, Any]) -> list[_Listener]:
-    """Explicit ports first, so that a defaulted port is the one blamed for a clash."""
-    explicit: list[_Listener] = []
-    defaulted: list[_Listener] = []
+# What an ingress port would expose to the outside if it targeted the runtime's own listeners;
+# the aux API is the one meant to be exposed.
+_NOT_EXPOSABLE = {
+    "api": "the full API (decrypt, sign) to the outside; expose aux_api instead",
+    "kms_proxy": "the KMS proxy to the outside",
+    "egress": "the egress proxy: outside clients would reach the network as the enclave",
+    "spire": "the SPIFFE workload API to the outside",
+}
+
+
+def _ingress_ports(doc: dict[str, Any]) -> list[_Listener]:
+    ports: list[_Listener] = []
     for index, entry in enumerate(_items(doc.get("ingress"))):
         port = _port(_mapping(entry).get("listen_port"))
         if port is not None:
-            explicit.append(_Listener(("ingress", index, "listen_port"), port))
+            ports.append(_Listener(("ingress", index, "listen_port"), port))
+    return ports
+
+
+def _tcp_listeners(doc: dict[str, Any]) -> list[_Listener]:
+    """The runtime's own listeners inside the enclave; explicit ports first, so that a
+    defaulted port is the one blamed for a clash."""
+    explicit: list[_Listener] = []
+    defaulted: list[_Listener] = []
     for section in ("api", "kms_proxy", "aux_api"):
         port = _port(_mapping(doc.get(section)).get("listen_port"))
         if port is not None:
@@ -920,6 +936,28 @@ def _port_clash_findings(doc: dict[str, Any]) -> Iterator[_Finding]:
         fix = f"; set {format_path(listener.path)} to a free port" if listener.default else ""
         message = f"{listener.port}{how} is already used by {format_path(owner.path)}{fix}"
         yield _Finding(listener.path, message)
+    yield from _ingress_findings(_ingress_ports(doc), owners)
+
+
+def _ingress_findings(
+    ingress: list[_Listener], listeners: dict[int, _Listener]
+) -> Iterator[_Finding]:
+    """Ingress P forwards to 127.0.0.1:P: it may target the app or the aux API, nothing else."""
+    seen: dict[int, _Listener] = {}
+    for entry in ingress:
+        first = seen.setdefault(entry.port, entry)
+        if first is not entry:
+            yield _Finding(entry.path, f"{entry.port} is already used by {format_path(first.path)}")
+            continue
+        target = listeners.get(entry.port)
+        if target is not None and target.path[0] in _NOT_EXPOSABLE:
+            how = f" ({target.default})" if target.default else ""
+            fix = f"; set {format_path(target.path)} to another port" if target.default else ""
+            yield _Finding(
+                entry.path,
+                f"{entry.port} is {format_path(target.path)}{how}: this would expose "
+                f"{_NOT_EXPOSABLE[target.path[0]]}{fix}",
+            )
 
 
 def _reserved_vsock_findings(doc: dict[str, Any]) -> Iterator[_Finding]:

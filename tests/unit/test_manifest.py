@@ -542,11 +542,21 @@ def test_listening_ports_are_unique_across_every_section() -> None:
     )
 
     assert errors == [
+        "ingress[0].listen_port: 8000 is api.listen_port: this would expose the full API "
+        "(decrypt, sign) to the outside; expose aux_api instead",
         "ingress[1].listen_port: 8000 is already used by ingress[0].listen_port",
-        "api.listen_port: 8000 is already used by ingress[0].listen_port",
         "aux_api.listen_port: 7000 is already used by kms_proxy.listen_port",
-        "egress.proxy_port: 8000 is already used by ingress[0].listen_port",
+        "egress.proxy_port: 8000 is already used by api.listen_port",
     ]
+
+
+def test_ingress_exposes_the_aux_api_as_intended() -> None:
+    manifest = parse_manifest(
+        manifest_with("ingress: [{listen_port: 9101}]\napi: {listen_port: 9100}\naux_api: {}\n")
+    )
+
+    assert manifest.aux_api is not None
+    assert manifest.aux_api.listen_port == manifest.ingress[0].listen_port == 9101
 
 
 def test_a_defaulted_port_is_blamed_and_the_fix_named() -> None:
@@ -563,9 +573,10 @@ def test_a_defaulted_port_is_blamed_and_the_fix_named() -> None:
     )
 
     assert errors == [
+        "ingress[0].listen_port: 10000 is egress.proxy_port (the default): this would expose "
+        "the egress proxy: outside clients would reach the network as the enclave; "
+        "set egress.proxy_port to another port",
         "ingress[1].listen_port: 9001 collides with the reserved init control port",
-        "egress.proxy_port: 10000 (the default) is already used by ingress[0].listen_port; "
-        "set egress.proxy_port to a free port",
         "aux_api.listen_port: 9101 (the default, api.listen_port + 1) is already used by "
         "kms_proxy.listen_port; set aux_api.listen_port to a free port",
     ]
@@ -586,8 +597,8 @@ def test_spire_workload_api_port_takes_part_in_the_clash_check() -> None:
     )
 
     assert errors_of(manifest_with("ingress: [{listen_port: 5000}]\n" + spire)) == [
-        "spire.workload_api_addr: 5000 (the default) is already used by ingress[0].listen_port; "
-        "set spire.workload_api_addr to a free port"
+        "ingress[0].listen_port: 5000 is spire.workload_api_addr (the default): this would "
+        "expose the SPIFFE workload API to the outside; set spire.workload_api_addr to another port"
     ]
     assert errors_of(manifest_with(spire.replace("}", ", workload_api_addr: localhost:5}"))) == [
         'spire.workload_api_addr: must be IP:PORT such as 127.0.0.1:5000, got "localhost:5"'
@@ -764,8 +775,12 @@ def test_all_errors_are_reported_in_file_order_with_lines() -> None:
         (9, "ingress[0].listen_port: required key is missing"),
         (10, "ingress[1].listen_port: 17000 collides with the reserved status port"),
         (11, 'ingress[2].listen_port: expected an integer, got "8080"'),
+        (
+            12,
+            "ingress[3].listen_port: 9000 is api.listen_port: this would expose the full API "
+            "(decrypt, sign) to the outside; expose aux_api instead",
+        ),
         (12, "ingress[3].listen_port: 9000 collides with the reserved heartbeat port"),
-        (14, "api.listen_port: 9000 is already used by ingress[3].listen_port"),
         (
             16,
             'egress.allow[0]: "bad..domain" is not a valid domain pattern: it has an empty label '
