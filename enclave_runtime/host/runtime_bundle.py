@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 import enclave_runtime
 from enclave_runtime.errors import EnclaveOpsError
 
 RUNTIME_DISTRIBUTION = "enclave-runtime"
-_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
 class BundleError(EnclaveOpsError):
@@ -31,14 +32,14 @@ def _normalise(name: str) -> str:
 
 
 def _runtime_requirements(requirements: list[str] | None) -> Iterator[str]:
-    """Names of the requirements that apply without extras (``; extra == ...`` ones are not)."""
-    for requirement in requirements or ():
-        _spec, _, marker = requirement.partition(";")
-        if "extra" in marker:
-            continue
-        match = _NAME.match(requirement)
-        if match:
-            yield match.group(1)
+    """Names of the requirements that apply to this interpreter, without extras.
+
+    Markers are evaluated for the running Python, which must be the image's Python version.
+    """
+    for text in requirements or ():
+        requirement = Requirement(text)
+        if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+            yield requirement.name
 
 
 def runtime_distributions(root: str = RUNTIME_DISTRIBUTION) -> list[metadata.Distribution]:
