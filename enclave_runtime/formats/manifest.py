@@ -673,13 +673,17 @@ def _is_number(_checker: Any, instance: Any) -> bool:
     return isinstance(instance, int) or (isinstance(instance, float) and math.isfinite(instance))
 
 
-@functools.lru_cache(maxsize=1)
-def _validator() -> jsonschema.protocols.Validator:
-    # Unlike plain JSON Schema, 8080.0 is not a port and NaN is not a number of seconds.
+def strict_validator(schema: Mapping[str, Any]) -> jsonschema.protocols.Validator:
+    """A draft 2020-12 validator where, unlike plain JSON Schema, 8080.0 is not an integer and
+    NaN is not a number of seconds; the manifest and unit files both validate with it."""
     base = jsonschema.Draft202012Validator
     types = base.TYPE_CHECKER.redefine_many({"integer": _is_integer, "number": _is_number})
-    validator_class = jsonschema.validators.extend(base, type_checker=types)
-    return validator_class(_schema())
+    return jsonschema.validators.extend(base, type_checker=types)(schema)
+
+
+@functools.lru_cache(maxsize=1)
+def _validator() -> jsonschema.protocols.Validator:
+    return strict_validator(_schema())
 
 
 _TYPE_NAMES = {

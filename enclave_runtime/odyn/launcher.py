@@ -62,55 +62,56 @@ class LaunchSpec:
     output: int | None = None
 
 
-def resolve_user(spec: str) -> Credentials:
+def resolve_user(spec: str, label: str | None = None) -> Credentials:
     """``user``, ``uid``, ``user:group``, ``uid:gid`` (mixed too), as Docker's ``USER`` reads.
 
     Names are looked up in the image's ``/etc/passwd`` and ``/etc/group`` (odyn runs inside the
     image's root file system). A numeric uid without a passwd entry runs with gid 0 and home
-    ``/``, as under Docker.
+    ``/``, as under Docker. ``label`` says where ``spec`` came from in error messages.
     """
+    label = label or f"--user {spec!r}"
     user, _, group = spec.partition(":")
     if not user:
-        raise LaunchError(f"--user {spec!r}: give a user name or uid, optionally :group or :gid")
-    entry = _passwd_entry(user, spec)
+        raise LaunchError(f"{label}: give a user name or uid, optionally :group or :gid")
+    entry = _passwd_entry(user, label)
     if entry is None:
-        uid, gid, groups, home = _numeric_id(user, spec), 0, (), "/"
+        uid, gid, groups, home = _numeric_id(user, label), 0, (), "/"
     else:
         uid, gid, home = entry.pw_uid, entry.pw_gid, entry.pw_dir or "/"
     if group:
-        gid = _group_id(group, spec)
+        gid = _group_id(group, label)
     if entry is not None:
         groups = tuple(os.getgrouplist(entry.pw_name, gid))
     return Credentials(uid=uid, gid=gid, groups=groups or (gid,), home=home)
 
 
-def _passwd_entry(user: str, spec: str) -> pwd.struct_passwd | None:
+def _passwd_entry(user: str, label: str) -> pwd.struct_passwd | None:
     try:
         return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except (KeyError, OverflowError):
         if user.isdigit():
             return None
         raise LaunchError(
-            f"--user {spec!r}: there is no user {user!r} in the image's /etc/passwd; "
+            f"{label}: there is no user {user!r} in the image's /etc/passwd; "
             "use a numeric uid or add the user to the image"
         ) from None
 
 
-def _numeric_id(value: str, spec: str) -> int:
+def _numeric_id(value: str, label: str) -> int:
     number = int(value)
     if number > _MAX_ID:
-        raise LaunchError(f"--user {spec!r}: {number} is not a valid id (0..{_MAX_ID})")
+        raise LaunchError(f"{label}: {number} is not a valid id (0..{_MAX_ID})")
     return number
 
 
-def _group_id(group: str, spec: str) -> int:
+def _group_id(group: str, label: str) -> int:
     if group.isdigit():
-        return _numeric_id(group, spec)
+        return _numeric_id(group, label)
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise LaunchError(
-            f"--user {spec!r}: there is no group {group!r} in the image's /etc/group; "
+            f"{label}: there is no group {group!r} in the image's /etc/group; "
             "use a numeric gid or add the group to the image"
         ) from None
 

@@ -120,6 +120,8 @@ class Supervisor:
         self._stop_signal: int | None = None
         self._stop_requested: asyncio.Event | None = None
         self._handled_signals: list[int] = []
+        self._init: Any = None  # the init's ServiceManager, when the enclave has services
+        self._reloads: set[asyncio.Future[Any]] = set()
 
     async def run(self) -> int:
         self._stop_requested = asyncio.Event()
@@ -173,12 +175,42 @@ class Supervisor:
             )
             if api is not None:
                 self._services.append(("API", api))
+        await self._start_init(manifest, proxy_env)
         if manifest.ingress:
             ingress = await _service("ingress").start_ingress(
                 manifest.ingress, self.options.config_dir
             )
             self._services.append(("ingress", ingress))
         return proxy_env
+
+    async def _start_init(self, manifest: Manifest, proxy_env: dict[str, str]) -> None:
+        """The init's services and its control server, when the enclave defines any service.
+
+        Services start from the application's environment (proxy variables included); their
+        output joins the app log stream. SystemShutdown stops odyn as SIGTERM does.
+        """
+        services = manifest.services
+        if not services.units and not Path(services.directory).is_dir():
+            return
+        from enclave_runtime.init.control_server import ControlServer  # noqa: PLC0415
+        from enclave_runtime.init.manager import ServiceManager  # noqa: PLC0415
+        from enclave_runtime.init.service_logs import forward_to_fd  # noqa: PLC0415
+
+        output = self.console.app_output if self.console is not None else None
+        base_env = os.environ if self.options.env is None else self.options.env
+        manager = ServiceManager(
+            services,
+            self._reaper,
+            base_env=app_environment(base_env, proxy_env, None),
+            app_log=forward_to_fd(output if output is not None else 1),
+            on_shutdown=lambda: self._on_signal(signal.SIGTERM),
+        )
+        self._services.append(("services", manager))
+        self._init = manager
+        await manager.start_all()
+        control = ControlServer.from_manifest(manager, manifest.control)
+        await control.start()
+        self._services.append(("init control server", control))
 
     def _launch_spec(
         self, credentials: Credentials | None, proxy_env: dict[str, str]
@@ -259,8 +291,17 @@ class Supervisor:
             self._stop_requested.set()
             if self._app is not None:
                 self._app.stop(signum, self.options.grace_period)
+        elif signum == signal.SIGHUP and self._init is not None:
+            reload = asyncio.ensure_future(self._init.reload())  # re-read the unit files
+            self._reloads.add(reload)
+            reload.add_done_callback(self._reloaded)
         elif self._app is not None:
             self._app.forward(signum)
+
+    def _reloaded(self, reload: asyncio.Future[Any]) -> None:
+        self._reloads.discard(reload)
+        if not reload.cancelled() and reload.exception() is not None:
+            LOG.warning("reloading the services failed: %s", _describe_error(reload.exception()))
 
     async def _close_services(self) -> None:
         while self._services:
