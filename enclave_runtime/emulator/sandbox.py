@@ -14,6 +14,11 @@ with private mounts and a network namespace that has only ``lo``. Like AWS's ini
 5. reaps every process until ``cmd`` ends, and exits with its status (128 + signal if killed),
    which ends the namespace and with it every process of the enclave.
 
+A raw-init EIF (no ``/cmd`` but an executable ``/init`` at the top of the ramdisks, e.g. one
+whose ``/init`` runs ``odyn --init``) boots as a kernel would boot it: after step 1 the sandbox
+gives it a private ``/dev`` and a ``/run`` holding the fabric, chroots into the merged ramdisks
+themselves and execs ``/init`` as PID 1; that init mounts the rest and sends the heartbeat.
+
 Emulator additions, visible to the enclave: ``/dev/nsm`` is the emulated NSM's Unix socket, the
 vsock fabric is mounted at ``/run/nitro-emu/vsock``, and ``NITRO_EMU_ROOT``/``NITRO_EMU_CID`` are
 added to the environment so the runtime finds them.
@@ -38,6 +43,8 @@ HEARTBEAT_PORT = 9000
 PARENT_CID = 3
 AWS_INIT_PATH = "/sbin:/usr/sbin:/bin:/usr/bin"
 FABRIC_MOUNT = "/run/nitro-emu"
+RAW_INIT = "init"
+KERNEL_INIT_ENV = {"HOME": "/", "TERM": "linux"}  # what the kernel gives /init
 DEVICE_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_SYMLINKS = {
     "fd": "/proc/self/fd",
@@ -101,9 +108,37 @@ def prepare_rootfs(rootfs: Path, spec: SandboxSpec) -> None:
     mounts.mount("tmpfs", rootfs / "run", "tmpfs", NOSUID_NODEV_NOEXEC, "mode=0755")
     mounts.mount("tmpfs", rootfs / "tmp", "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV)
     prepare_dev(rootfs / "dev", spec)
-    fabric = rootfs / FABRIC_MOUNT.lstrip("/") / "vsock"
+    mount_fabric(rootfs, spec)
+
+
+def is_raw_init(root: Path) -> bool:
+    """No AWS layout (``/cmd``) but an executable ``/init`` of the image's own."""
+    init = root / RAW_INIT
+    return not (root / "cmd").exists() and init.is_file() and os.access(init, os.X_OK)
+
+
+def mount_fabric(root: Path, spec: SandboxSpec) -> None:
+    fabric = root / FABRIC_MOUNT.lstrip("/") / "vsock"
     fabric.mkdir(parents=True)
     mounts.bind(Path(spec.fabric_root) / "vsock", fabric)
+
+
+def boot_raw_init(root: Path, spec: SandboxSpec) -> None:
+    """Exec the image's ``/init`` as PID 1, chrooted into the merged ramdisks; never returns.
+
+    Only what the host must provide is prepared: a private ``/dev`` (a devtmpfs would expose the
+    host's disks) with the NSM socket, and ``/run`` holding the fabric. The init finds both
+    mounted and leaves them; it mounts /proc, /sys and /tmp and sends the heartbeat itself.
+    """
+    (root / "dev").mkdir(mode=0o755, exist_ok=True)
+    (root / "run").mkdir(mode=0o755, exist_ok=True)
+    prepare_dev(root / "dev", spec)
+    mounts.mount("tmpfs", root / "run", "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=0755")
+    mount_fabric(root, spec)
+    os.chroot(root)
+    os.chdir("/")
+    env = enclave_environment([f"{key}={value}" for key, value in KERNEL_INIT_ENV.items()], spec)
+    os.execve(f"/{RAW_INIT}", [f"/{RAW_INIT}"], env)
 
 
 def prepare_dev(dev: Path, spec: SandboxSpec) -> None:
@@ -165,8 +200,10 @@ def exit_code(status: int) -> int:
 
 def run(spec: SandboxSpec) -> int:
     merged = stack_ramdisks(spec)
-    bring_interface_up("lo")
     socket.sethostname(spec.enclave_id[-15:])  # a short, unique name, as an enclave's hostname
+    if is_raw_init(merged):
+        boot_raw_init(merged, spec)  # lo stays down, as the kernel leaves it for /init
+    bring_interface_up("lo")
     send_heartbeat(spec)
     cmd = read_config_lines(merged / "cmd") or ["sh"]
     env = enclave_environment(read_config_lines(merged / "env"), spec)

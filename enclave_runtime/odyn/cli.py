@@ -1,6 +1,7 @@
 """The ``odyn`` command: ``odyn --config-dir DIR [options] -- ARGV...``.
 
 The amended image's ENTRYPOINT (``odyn --config-dir /etc/enclaver -- <app ENTRYPOINT+CMD>``).
+With ``--init`` odyn is the EIF's own PID 1 instead (see :mod:`enclave_runtime.odyn.raw_init`).
 Exit status: the application's exit code, 128 + the signal number if a signal killed it, or 1 if
 odyn failed before the application could start.
 """
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from enclave_runtime.errors import EnclaveOpsError
+from enclave_runtime.odyn import raw_init
 from enclave_runtime.odyn.launcher import DEFAULT_GRACE_PERIOD
 from enclave_runtime.odyn.supervisor import (
     DEFAULT_LINGER,
@@ -87,12 +89,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_NSM_PATH,
         help="the NSM device or emulated NSM socket (default %(default)s)",
     )
+    parser.add_argument(
+        "--init",
+        action="store_true",
+        help="run as PID 1 of an EIF without AWS's init: mount /proc, /sys, /dev, /run, /tmp, "
+        "load /nsm.ko, send the boot heartbeat, and power the enclave off at the end",
+    )
+    parser.add_argument(
+        "--rootfs",
+        type=Path,
+        help="with --init: chroot into this directory of the ramdisks before supervising",
+    )
     parser.add_argument("command", nargs="*", help=argparse.SUPPRESS)
     return parser
 
 
 def parse_args(argv: Sequence[str]) -> tuple[SupervisorOptions, int]:
     """The supervisor's options and the verbosity; exits with usage on bad arguments."""
+    options, verbosity, _init = parse_command_line(argv)
+    return options, verbosity
+
+
+def parse_command_line(
+    argv: Sequence[str],
+) -> tuple[SupervisorOptions, int, raw_init.InitOptions | None]:
+    """As :func:`parse_args`, plus the raw-init options when ``--init`` is given."""
     parser = build_parser()
     arguments = list(argv)
     if "--" in arguments:
@@ -106,6 +127,8 @@ def parse_args(argv: Sequence[str]) -> tuple[SupervisorOptions, int]:
         parser.error(f"unexpected arguments before --: {' '.join(args.command)}")
     if not command:
         parser.error("give the application's command after --")
+    if args.rootfs is not None and not args.init:
+        parser.error("--rootfs is only meaningful with --init")
     options = SupervisorOptions(
         config_dir=args.config_dir,
         argv=tuple(command),
@@ -118,7 +141,8 @@ def parse_args(argv: Sequence[str]) -> tuple[SupervisorOptions, int]:
         grace_period=args.grace_period,
         linger=args.linger,
     )
-    return options, args.verbose
+    init = raw_init.InitOptions(rootfs=args.rootfs, nsm_path=args.nsm_path) if args.init else None
+    return options, args.verbose, init
 
 
 def configure_logging(verbosity: int) -> None:
@@ -131,13 +155,34 @@ def configure_logging(verbosity: int) -> None:
     logger.propagate = False
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    options, verbosity = parse_args(sys.argv[1:] if argv is None else argv)
-    configure_logging(verbosity)
+def supervise(options: SupervisorOptions) -> int:
     try:
         return asyncio.run(run_supervisor(options))
     except EnclaveOpsError as err:
         # Only when the status server cannot start: later failures are published as "fatal".
+        print(f"odyn: {err}", file=sys.stderr)
+        return EXIT_FATAL
+
+
+def run_as_init(options: SupervisorOptions, init: raw_init.InitOptions) -> int:
+    """Bring the enclave up, supervise, then end the enclave as its PID 1 must."""
+    raw_init.require_pid_1("run as the enclave's init")  # before anything touches the system
+    try:
+        raw_init.prepare(init)
+    except EnclaveOpsError as err:
+        print(f"odyn: {err}", file=sys.stderr, flush=True)
+        return raw_init.finish(EXIT_FATAL)
+    return raw_init.finish(supervise(options))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options, verbosity, init = parse_command_line(sys.argv[1:] if argv is None else argv)
+    configure_logging(verbosity)
+    if init is None:
+        return supervise(options)
+    try:
+        return run_as_init(options, init)
+    except EnclaveOpsError as err:
         print(f"odyn: {err}", file=sys.stderr)
         return EXIT_FATAL
 
