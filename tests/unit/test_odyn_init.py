@@ -3,8 +3,11 @@ Unix socket, other CIDs are refused, SIGHUP reloads unit files, and services end
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -147,3 +150,36 @@ def _alive(pid: int | None) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().rpartition(")")[2].split()[0] != "Z"
+
+
+def _malformed_requests(count: int) -> Iterator[bytes]:
+    """Random bytes, broken and unknown JSON, wrong shapes and oversized bodies, reproducibly."""
+    rng = random.Random(5)
+    shapes = [
+        lambda: rng.randbytes(rng.randint(0, 300)),
+        lambda: b'{"ServiceStatus": {"name": ' + rng.randbytes(8) + b"}}\n",
+        lambda: b'{"Nope": {}}\n',
+        lambda: b'"ServiceStart"\n',
+        lambda: b'{"ServiceLogs": {"name": "worker", "lines": -1}}\n',
+        lambda: b'{"ServiceStatus": {"name": "../../etc/passwd"}}\n',
+        lambda: b"[" * 1000 + b"\n",
+        lambda: b'{"Ping": null, "Ping": 1}\n',
+        lambda: b"x" * 20000,
+    ]
+    for _ in range(count):
+        yield rng.choice(shapes)()
+
+
+def test_ten_thousand_malformed_requests_leave_odyn_serving(odyn: Odyn) -> None:
+    path = odyn.unix.config.unix_socket_path
+    for payload in _malformed_requests(10_000):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(10)
+            conn.connect(path)
+            with contextlib.suppress(OSError):  # the server may close on an oversized request
+                conn.sendall(payload)
+                conn.shutdown(socket.SHUT_WR)
+                conn.recv(65536)
+    odyn.unix.ping()
+    assert odyn.until("worker", "running").name == "worker"
+    assert odyn.process.poll() is None
