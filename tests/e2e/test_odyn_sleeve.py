@@ -381,6 +381,32 @@ def test_odyn_survives_malformed_input_on_every_port(sleeve: Sleeve, built: Buil
     assert json.loads(sleeve.get(9101, "/v1/eth/address"))["address"].startswith("0x")
 
 
+def test_the_host_controls_enclave_services_with_initctl_over_vsock(
+    sleeve: Sleeve, built: Built
+) -> None:
+    def initctl(*args: str, cid: str = "3") -> subprocess.CompletedProcess[str]:
+        env = dict(built.env, NITRO_EMU_CID=cid)  # the caller's own CID on the fabric
+        return subprocess.run(
+            [str(BIN / "initctl"), "--protocol", "vsock", "--vsock-cid", str(sleeve.cid), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    listed = initctl("--json", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "ticker" in listed.stdout
+    assert initctl("stop", "ticker").returncode == 0
+    stopped = json.loads(initctl("--json", "status", "ticker").stdout)
+    assert (stopped["active"], stopped["pid"]) == (False, None)
+    assert initctl("start", "ticker").returncode == 0
+    assert json.loads(initctl("--json", "status", "ticker").stdout)["active"] is True
+    assert initctl("ping", cid="42").returncode != 0  # not in control.allowed_cids
+    assert any(line.startswith("[ticker] tick") for line in sleeve.lines)  # in the app log
+
+
 def test_the_sleeve_exits_with_the_apps_code_and_leaves_no_enclave(other_parent: Built) -> None:
     own = _start_sleeve(other_parent)
     try:
