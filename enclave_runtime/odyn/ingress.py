@@ -28,6 +28,7 @@ from enclave_runtime.transport.relay import (
     Connections,
     Endpoint,
     StreamEndpoint,
+    open_tcp,
     relay,
 )
 
@@ -162,7 +163,7 @@ class _Handler:
                 return
             outside = tls
         try:
-            app_reader, app_writer = await asyncio.open_connection(self.target_host, self.port)
+            app = await open_tcp(self.target_host, self.port)
         except OSError as err:
             log.warning(
                 "ingress %d: the app does not accept on %s:%d (%s); closing the connection from %s",
@@ -173,7 +174,7 @@ class _Handler:
                 peer,
             )
             return
-        await relay(outside, StreamEndpoint(app_reader, app_writer), self.idle_timeout)
+        await relay(outside, app, self.idle_timeout)
 
 
 class TlsServerEndpoint:
