@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import datetime
 import json
 import os
 import shutil
@@ -28,17 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.x509.oid import NameOID
 
 from enclave_runtime.formats.attestation import load_root_certificate, verify_attestation_document
 from enclave_runtime.formats.pcr import Measurements
 from enclave_runtime.host.runtime_bundle import bundle_runtime
 from enclave_runtime.transport.vsock import EmulatedFabric
+from tests.tls_support import write_self_signed
 
 pytestmark = [pytest.mark.root, pytest.mark.docker, pytest.mark.slow]
 
@@ -55,30 +53,7 @@ def _free_port() -> int:
 
 
 def _self_signed(directory: Path) -> Path:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    directory.mkdir(parents=True)
-    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return directory / "cert.pem"
+    return write_self_signed(directory / "cert.pem", directory / "key.pem", "localhost")
 
 
 @dataclass

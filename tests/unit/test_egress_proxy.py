@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import http.client
 import http.server
 import os
@@ -22,10 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from enclave_runtime.formats.egress_policy import EgressPolicy
 from enclave_runtime.formats.manifest import Egress
@@ -46,6 +41,7 @@ from enclave_runtime.odyn.egress import (
 )
 from enclave_runtime.transport.relay import Connections, StreamEndpoint, relay
 from enclave_runtime.transport.vsock import EmulatedFabric, VsockAddress
+from tests.tls_support import write_self_signed
 from tests.unit.odyn_support import in_executor, run_async
 
 ENCLAVE_CID = 16
@@ -267,29 +263,8 @@ def test_expect_100_continue_is_relayed_before_the_body_is_sent(fabric_root: Pat
 
 
 def _certificate(tmp: Path, name: str) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
     cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    write_self_signed(cert_path, key_path, name)
     return cert_path, key_path
 
 

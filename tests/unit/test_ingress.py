@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import http.client
 import http.server
 import socket
@@ -19,15 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from enclave_runtime.formats.manifest import Ingress, Tls
 from enclave_runtime.host.ingress_proxy import IngressProxy, IngressProxyError, start_ingress_proxy
 from enclave_runtime.odyn.ingress import IngressError, IngressServers, start_ingress, tls_files
 from enclave_runtime.transport.vsock import EmulatedFabric
+from tests.tls_support import write_self_signed
 from tests.unit.odyn_support import in_executor, run_async
 
 ENCLAVE_CID = 16
@@ -93,31 +89,7 @@ async def _ingress(
 
 
 def _write_certificate(config_dir: Path, port: int, name: str = "app.test") -> Path:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tls_files(config_dir, port)
-    cert_path.parent.mkdir(parents=True, exist_ok=True)
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path
+    return write_self_signed(*tls_files(config_dir, port), name)
 
 
 def _get(port: int, path: str, context: ssl.SSLContext | None = None) -> tuple[int, bytes]:
