@@ -32,8 +32,10 @@ MAX_REQUEST_SIZE = 16 * 1024
 MAX_RESPONSE_SIZE = 16 * 1024 * 1024
 # ServiceLogs answers at most this many lines, keeping a response under MAX_RESPONSE_SIZE.
 MAX_LOG_LINES = 10_000
-# Service names become file names (NAME.service); this keeps them from naming a path.
-SERVICE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_@][A-Za-z0-9_.@:-]{0,127}")
+# The one rule for service names, in unit files, the manifest (its schema repeats it, and a test
+# keeps the two equal) and requests: names become file names (NAME.service), so they must not
+# name a path or start like an option.
+SERVICE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_@][A-Za-z0-9_.@-]{0,127}")
 
 
 class InitProtocolError(FormatError):
@@ -296,7 +298,7 @@ def _service_name(value: Any, path: str) -> str:
     if SERVICE_NAME_PATTERN.fullmatch(value) is None:
         raise InitProtocolError(
             f"{path} {_quote(value)} is not a service name: use 1-128 letters, digits and "
-            "'_.@:-', not starting with '.', '-' or ':'"
+            "'_.@-', starting with a letter, digit, '_' or '@'"
         )
     return value
 

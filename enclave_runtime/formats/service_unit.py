@@ -35,6 +35,7 @@ from typing import Any
 import jsonschema
 
 from enclave_runtime.errors import FormatError
+from enclave_runtime.formats.init_protocol import SERVICE_NAME_PATTERN
 from enclave_runtime.formats.manifest import (
     DEFAULT_KILL_SIGNAL,
     DEFAULT_RESTART,
@@ -56,8 +57,6 @@ DISABLED_SUFFIX = ".service.disabled"
 # A unit is a dozen lines; anything this large is not one.
 MAX_UNIT_FILE_BYTES = 64 * 1024
 MANIFEST_SOURCE = "the manifest"
-
-_NAME = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9_.@-]{1,128}\Z")
 
 
 class ServiceUnitError(FormatError):
@@ -129,7 +128,7 @@ def unit_file_path(directory: str | os.PathLike[str], name: str, enabled: bool) 
 
 
 def is_valid_service_name(name: str) -> bool:
-    return bool(_NAME.match(name))
+    return SERVICE_NAME_PATTERN.fullmatch(name) is not None
 
 
 # --- one unit --------------------------------------------------------------------------------
@@ -269,7 +268,7 @@ def _name_problems(name: str) -> Iterator[str]:
     if not is_valid_service_name(name):
         yield (
             f"{name!r} is not a valid service name; use 1 to 128 letters, digits, '_', '.', "
-            "'@' or '-' (and not '.' or '..')"
+            "'@' or '-', starting with a letter, digit, '_' or '@'"
         )
 
 

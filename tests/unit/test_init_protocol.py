@@ -168,9 +168,16 @@ def test_the_log_line_limit_itself_is_accepted() -> None:
 
 
 def test_service_names_that_units_use_are_accepted() -> None:
-    for name in ("web", "my-app_2", "worker@1", "db.primary", "a:b"):
+    for name in ("web", "my-app_2", "worker@1", "db.primary", "_hidden"):
         wire = json.dumps({"ServiceStart": {"name": name}}).encode()
         assert decode_request(wire).name == name
+
+
+def test_names_no_unit_file_could_have_are_refused() -> None:
+    for name in ("a:b", "-x", ".hidden", "..", "a/b"):
+        wire = json.dumps({"ServiceStart": {"name": name}}).encode()
+        with pytest.raises(InitProtocolError, match="is not a service name"):
+            decode_request(wire)
 
 
 def test_an_error_message_quotes_a_hostile_variant_bounded_and_escaped() -> None:

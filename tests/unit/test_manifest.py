@@ -471,8 +471,8 @@ def test_invalid_service_names_are_quoted_in_the_path() -> None:
     )
 
     reason = (
-        "not a valid service name; use 1 to 128 letters, digits, '_', '.', '@' or '-' "
-        "(and not '.' or '..')"
+        "not a valid service name; use 1 to 128 letters, digits, '_', '.', '@' or '-', "
+        "starting with a letter, digit, '_' or '@'"
     )
     assert sorted(errors) == sorted(
         [f'services.units["a b"]: {reason}', f'services.units[".."]: {reason}']

@@ -6,13 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from enclave_runtime.formats.manifest import ServiceUnit, parse_manifest
+from enclave_runtime.formats.init_protocol import SERVICE_NAME_PATTERN
+from enclave_runtime.formats.manifest import ServiceUnit, manifest_schema, parse_manifest
 from enclave_runtime.formats.service_unit import (
     MANIFEST_SOURCE,
     MAX_UNIT_FILE_BYTES,
     ServiceUnitError,
     UnitDefinition,
     command_line,
+    is_valid_service_name,
     load_unit_directory,
     load_unit_file,
     manifest_units,
@@ -274,3 +276,10 @@ def test_a_manifest_unit_whose_command_does_not_split_is_an_error() -> None:
     found = manifest_units([ServiceUnit("web", "/bin/web 'unclosed")])
     assert "services.units.web" in str(found.errors["web"])
     assert "No closing quotation" in str(found.errors["web"])
+
+
+def test_the_manifest_schema_and_the_protocol_share_one_service_name_rule() -> None:
+    units = manifest_schema()["properties"]["services"]["properties"]["units"]
+    assert units["propertyNames"]["pattern"] == f"^{SERVICE_NAME_PATTERN.pattern}$"
+    assert not is_valid_service_name("-x") and not is_valid_service_name("..")
+    assert is_valid_service_name("web@1.service-helper")
