@@ -14,11 +14,6 @@ from enclave_runtime.transport import vsock
 from enclave_runtime.transport.vsock import EmulatedFabric, VsockAddress, VsockError
 
 
-@pytest.fixture
-def fabric_root(tmp_path: Path) -> Path:
-    return tmp_path / "emu"
-
-
 def _serve_once(parent: EmulatedFabric, listener: socket.socket) -> dict[str, object]:
     """Accept one connection in a thread, echo what it sends until EOF, record the peer."""
     seen: dict[str, object] = {}
