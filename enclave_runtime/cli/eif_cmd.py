@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,15 @@ from enclave_runtime.formats.eif import (
     read_eif,
     verify_eif,
 )
-from enclave_runtime.formats.eif_metadata import EPOCH_RFC3339, EifBuildInfo
+from enclave_runtime.formats.eif_metadata import (
+    EifBuildInfo,
+    read_custom_metadata,
+    reproducible_build_time,
+)
 from enclave_runtime.formats.eif_signature import certificate_pcr, read_signing_certificate
 from enclave_runtime.formats.pcr import PcrHasher
 
 # nitro-cli refuses custom metadata files above 4 KiB (MAX_META_FILE_SIZE in identity.rs).
-MAX_METADATA_FILE = 4096
 _READ_CHUNK = 1 << 20
 
 
@@ -125,7 +127,8 @@ def _add_eif_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    defaults = default_identity(args.kernel, _custom_metadata(args.metadata))
+    custom = read_custom_metadata(args.metadata) if args.metadata is not None else None
+    defaults = default_identity(args.kernel, custom)
     identity = replace(
         defaults,
         image_name=args.name or defaults.image_name,
@@ -174,37 +177,9 @@ def _eif_path(args: argparse.Namespace) -> Path:
     return path
 
 
-def _custom_metadata(path: Path | None) -> Any:
-    if path is None:
-        return None
-    try:
-        with path.open("rb") as stream:
-            data = stream.read(MAX_METADATA_FILE + 1)
-    except OSError as err:
-        raise EifError(f"cannot read the metadata file {path}: {err.strerror}") from err
-    if len(data) > MAX_METADATA_FILE:
-        raise EifError(
-            f"metadata file {path} is larger than {MAX_METADATA_FILE} bytes, nitro-cli's limit"
-        )
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise EifError(f"metadata file {path} is not JSON: {err}") from err
-
-
 def _build_time(explicit: datetime | None) -> str:
     """chrono's to_rfc3339 form; reproducible unless the caller asks for a time."""
-    if explicit is not None:
-        return explicit.isoformat()
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    if not epoch:
-        return EPOCH_RFC3339
-    try:
-        return datetime.fromtimestamp(int(epoch), tz=timezone.utc).isoformat()
-    except (ValueError, OverflowError, OSError) as err:
-        raise EifError(
-            f"SOURCE_DATE_EPOCH={epoch!r} is not a Unix time in seconds; unset or fix it"
-        ) from err
+    return explicit.isoformat() if explicit is not None else reproducible_build_time()
 
 
 def _file_pcr(path: Path) -> bytes:

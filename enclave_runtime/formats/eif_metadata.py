@@ -11,7 +11,10 @@ we do the same so an image we build carries the bytes nitro-cli would write for 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from enclave_runtime import __version__
@@ -26,6 +29,7 @@ BUILD_INFO_KEYS = {
 }
 # chrono's to_rfc3339() of the Unix epoch: the build time of a reproducible image by default.
 EPOCH_RFC3339 = "1970-01-01T00:00:00+00:00"
+MAX_METADATA_FILE = 4096  # nitro-cli refuses larger --metadata files
 
 
 class EifMetadataError(FormatError):
@@ -125,3 +129,39 @@ def _sorted_json_value(value: Any) -> Any:
     if isinstance(value, list):
         return [_sorted_json_value(item) for item in value]
     return value
+
+
+def reproducible_build_time() -> str:
+    """``SOURCE_DATE_EPOCH`` in chrono's RFC 3339 form, else the Unix epoch: never the clock."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if not epoch:
+        return EPOCH_RFC3339
+    try:
+        return datetime.fromtimestamp(int(epoch), tz=timezone.utc).isoformat()
+    except (ValueError, OverflowError, OSError):
+        raise EifMetadataError(
+            f"SOURCE_DATE_EPOCH={epoch!r} is not a Unix time in whole seconds; fix or unset it"
+        ) from None
+
+
+def read_custom_metadata(path: str | os.PathLike[str]) -> Any:
+    """A ``--metadata`` file: JSON of at most 4096 bytes, as nitro-cli accepts it."""
+    file_path = Path(path)
+    if not file_path.is_file():
+        raise EifMetadataError(f"the metadata file {file_path} does not exist or is not a file")
+    try:
+        with file_path.open("rb") as stream:
+            data = stream.read(MAX_METADATA_FILE + 1)
+    except OSError as err:
+        raise EifMetadataError(
+            f"cannot read the metadata file {file_path}: {err.strerror}"
+        ) from None
+    if len(data) > MAX_METADATA_FILE:
+        raise EifMetadataError(
+            f"the metadata file {file_path} is larger than {MAX_METADATA_FILE} bytes, nitro-cli's "
+            "limit: keep only what identifies the build"
+        )
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise EifMetadataError(f"the metadata file {file_path} is not JSON: {err}") from None

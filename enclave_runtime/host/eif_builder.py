@@ -24,12 +24,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import os
 import re
 import sys
 import threading
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
@@ -37,7 +35,12 @@ from enclave_runtime.emulator import nitro_cli_errors
 from enclave_runtime.errors import EnclaveOpsError
 from enclave_runtime.formats.cpio import CpioWriter
 from enclave_runtime.formats.eif import build_eif
-from enclave_runtime.formats.eif_metadata import EPOCH_RFC3339, EifBuildInfo, EifIdentity
+from enclave_runtime.formats.eif_metadata import (
+    EifBuildInfo,
+    EifIdentity,
+    read_custom_metadata,
+    reproducible_build_time,
+)
 from enclave_runtime.formats.pcr import Measurements
 from enclave_runtime.host.docker_rootfs import (
     NORMALISED_MTIME,
@@ -64,7 +67,6 @@ PLACEHOLDER_BLOBS = Path(__file__).resolve().parent.parent / "emulator" / "blobs
 AWS_BLOBS = Path("/usr/share/nitro_enclaves/blobs")
 KERNEL_NAMES = {"x86_64": "bzImage", "aarch64": "Image"}
 # nitro-cli refuses --metadata files above this size (MAX_META_FILE_SIZE, identity.rs).
-MAX_METADATA_FILE = 4096
 UNKNOWN = "Unknown"
 _CONFIG_SEPARATORS = re.compile(r"[ /-]")
 # The pipe carries the customer ramdisk to the EIF writer; a larger buffer means fewer wake-ups.
@@ -77,10 +79,6 @@ class BlobError(EnclaveOpsError):
     def __init__(self, message: str, missing: tuple[Path, ...]) -> None:
         super().__init__(message)
         self.missing = missing
-
-
-class MetadataFileError(EnclaveOpsError):
-    """A ``--metadata`` file nitro-cli would refuse."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,19 +164,6 @@ def kernel_build_info(kernel_config: Path, build_time: str | None = None) -> Eif
         operating_system=words[1] if len(words) > 1 else UNKNOWN,
         kernel_version=words[3] if len(words) > 3 else UNKNOWN,
     )
-
-
-def reproducible_build_time() -> str:
-    """``SOURCE_DATE_EPOCH`` in chrono's RFC 3339 form, else the Unix epoch: never the clock."""
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    if not epoch:
-        return EPOCH_RFC3339
-    try:
-        return datetime.fromtimestamp(int(epoch), tz=timezone.utc).isoformat()
-    except (ValueError, OverflowError, OSError):
-        raise EnclaveOpsError(
-            f"SOURCE_DATE_EPOCH={epoch!r} is not a Unix time in whole seconds; fix or unset it"
-        ) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,28 +272,6 @@ def repository_name(reference: str) -> str:
     slash = name.rfind("/")
     colon = name.rfind(":")
     return name[:colon] if colon > slash else name
-
-
-def read_custom_metadata(path: str | os.PathLike[str]) -> Any:
-    """A ``--metadata`` file: JSON of at most 4096 bytes, as nitro-cli accepts it."""
-    file_path = Path(path)
-    if not file_path.is_file():
-        raise MetadataFileError(f"the metadata file {file_path} does not exist or is not a file")
-    try:
-        data = file_path.read_bytes()
-    except OSError as err:
-        raise MetadataFileError(
-            f"cannot read the metadata file {file_path}: {err.strerror}"
-        ) from None
-    if len(data) > MAX_METADATA_FILE:
-        raise MetadataFileError(
-            f"the metadata file {file_path} is {len(data)} bytes; nitro-cli's limit is "
-            f"{MAX_METADATA_FILE}: keep only what identifies the build"
-        )
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise MetadataFileError(f"the metadata file {file_path} is not JSON: {err}") from None
 
 
 def build_eif_from_image(

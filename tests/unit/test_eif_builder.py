@@ -21,6 +21,7 @@ from enclave_runtime.emulator.nitro_cli_errors import NitroCliError
 from enclave_runtime.emulator.sandbox import read_config_lines
 from enclave_runtime.formats.cpio import CpioEntry, CpioWriter, extract, read_archive
 from enclave_runtime.formats.eif import read_eif
+from enclave_runtime.formats.eif_metadata import EifMetadataError, read_custom_metadata
 from enclave_runtime.formats.pcr import pcr_of
 from enclave_runtime.host import docker_rootfs
 from enclave_runtime.host.docker_rootfs import (
@@ -38,14 +39,12 @@ from enclave_runtime.host.docker_rootfs import (
 from enclave_runtime.host.eif_builder import (
     PLACEHOLDER_BLOBS,
     BlobError,
-    MetadataFileError,
     bootstrap_ramdisk,
     build_eif_from_image,
     build_from_docker_image,
     customer_ramdisk,
     find_blobs,
     kernel_build_info,
-    read_custom_metadata,
     repository_name,
 )
 
@@ -245,11 +244,11 @@ def test_custom_metadata_follows_nitro_cli_limits(tmp_path) -> None:
     bad.write_text("{not json")
 
     assert read_custom_metadata(good) == {"commit": "abc"}
-    with pytest.raises(MetadataFileError, match="4096"):
+    with pytest.raises(EifMetadataError, match="4096"):
         read_custom_metadata(big)
-    with pytest.raises(MetadataFileError, match="not JSON"):
+    with pytest.raises(EifMetadataError, match="not JSON"):
         read_custom_metadata(bad)
-    with pytest.raises(MetadataFileError, match="does not exist"):
+    with pytest.raises(EifMetadataError, match="does not exist"):
         read_custom_metadata(tmp_path / "missing.json")
 
 
@@ -735,5 +734,5 @@ def test_build_enclave_without_docker_is_e50(tmp_path, monkeypatch) -> None:
 
 
 def test_build_enclave_checks_the_metadata_file_first(tmp_path) -> None:
-    with pytest.raises(MetadataFileError, match="does not exist"):
+    with pytest.raises(EifMetadataError, match="does not exist"):
         _build_enclave(tmp_path, PLACEHOLDER_BLOBS, tmp_path / "missing.json")
