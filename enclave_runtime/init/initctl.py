@@ -261,6 +261,10 @@ class InitClient:
             conn.sendall(data)
             conn.shutdown(socket.SHUT_WR)
             return self._read_response(conn)
+        except (BrokenPipeError, ConnectionResetError):
+            # The peer closed before reading the request: a refusal, seen as EPIPE or ECONNRESET
+            # depending on whether the close arrived before or after the request went out.
+            raise self._closed_without_answer() from None
         except socket.timeout:
             raise InitConnectionError(
                 f"the init at {self._address()} did not answer within "
@@ -324,11 +328,14 @@ class InitClient:
                     "ask for fewer log lines"
                 )
         if not buffer:
-            raise InitConnectionError(
-                f"the init at {self._address()} closed the connection without answering; over "
-                "vsock this means this CID is not in the enclave's control.allowed_cids"
-            )
+            raise self._closed_without_answer()
         return bytes(buffer)
+
+    def _closed_without_answer(self) -> InitConnectionError:
+        return InitConnectionError(
+            f"the init at {self._address()} closed the connection without answering; over "
+            "vsock this means this CID is not in the enclave's control.allowed_cids"
+        )
 
 
 def error_from_response(response: ErrorResponse, request: Request) -> InitError:
