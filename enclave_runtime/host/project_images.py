@@ -1,0 +1,277 @@
+"""The project's own images: the self-contained runtime and the two sleeve bases.
+
+One place for what others build on (docs/images.md explains each):
+
+- the tags: ``runtime_image_tag()``, ``sleeve_emulator_image_tag()``, ``sleeve_nitro_image_tag()``
+  and the runtime's fixed paths (``RUNTIME_PREFIX``, ``runtime_command(name)``);
+- how a sleeve container must run on the emulator: ``EMULATOR_CONTAINER_SETTINGS`` and, for a
+  given emulator root, ``emulator_container_settings()`` (docker SDK keyword arguments) or
+  ``emulator_docker_run_args()`` (the same for the ``docker run`` command line);
+- ``ensure_project_images()``: runs scripts/build-images.sh, which rebuilds an image only when
+  the digest of its inputs (``inputs_digest``, stored in the ``INPUTS_LABEL`` label) changed.
+
+``python -m enclave_runtime.host.project_images`` is the script's helper: it prepares the
+runtime's build context, computes input digests and prints tags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import enclave_runtime
+from enclave_runtime.errors import EnclaveOpsError
+
+RUNTIME_PREFIX = "/opt/enclave-runtime"
+# host/runtime_bundle.RUNTIME_DISTRIBUTION; that module needs `packaging` (a host extra), and this
+# one is imported by commands the runtime itself ships (enclaveops run), so it is imported lazily.
+RUNTIME_DISTRIBUTION = "enclave-runtime"
+RUNTIME_REPOSITORY = "enclaveops/runtime"
+SLEEVE_EMULATOR_REPOSITORY = "enclaveops/sleeve-emulator"
+SLEEVE_NITRO_REPOSITORY = "enclaveops/sleeve"
+DEFAULT_BASE_IMAGE = "enclaveops/debian-base:bookworm"
+DEFAULT_NITRO_BASE_IMAGE = "amazonlinux:2023"
+# The digest of an image's inputs; the build script skips an image whose label matches.
+INPUTS_LABEL = "org.enclaveops.inputs"
+SOURCE_TREE = Path(enclave_runtime.__file__).resolve().parent.parent
+BUILD_SCRIPT = SOURCE_TREE / "scripts" / "build-images.sh"
+RUNTIME_IMAGE_DIR = SOURCE_TREE / "images" / "runtime"
+RUNTIME_CONTEXT_FILES = ("Dockerfile", "assemble.py")
+BUILD_TIMEOUT = 1800.0
+
+# How a sleeve-emulator container runs (verified in tests/e2e/test_runtime_image.py):
+# SYS_ADMIN for the sandbox's namespaces and mounts (unshare, overlayfs, proc, bind mounts),
+# NET_ADMIN to bring up lo in the enclave's network namespace; AppArmor's docker-default profile
+# forbids mount(2) (a no-op where AppArmor is off); Docker's default seccomp profile allows these
+# calls once SYS_ADMIN is granted. The host PID namespace, because the emulator's records hold
+# PIDs that host tools (nitro-emu describe-enclaves, terminate-enclave) check and signal.
+EMULATOR_CONTAINER_SETTINGS: Mapping[str, Any] = {
+    "cap_add": ("SYS_ADMIN", "NET_ADMIN"),
+    "security_opt": ("apparmor=unconfined",),
+    "pid_mode": "host",
+    "user": "root",
+    # The emulator root is bind-mounted at the SAME path: records, EIF paths and the fabric's
+    # Unix sockets are absolute paths shared by the container and host tools.
+    "volumes": {
+        "emulator_root": "the same path, read-write",
+        "allocator": "the same path, read-only (when outside the emulator root)",
+    },
+    "environment": ("NITRO_EMU_ROOT", "NITRO_EMU_ALLOCATOR"),
+}
+
+
+class ProjectImagesError(EnclaveOpsError):
+    """The project's images cannot be built or run as asked."""
+
+
+@dataclass(frozen=True)
+class ProjectImages:
+    """The tags scripts/build-images.sh made sure of."""
+
+    runtime: str
+    sleeve_emulator: str
+    sleeve_nitro: str | None = None
+
+
+def runtime_image_tag(version: str = enclave_runtime.__version__) -> str:
+    return f"{RUNTIME_REPOSITORY}:{version}"
+
+
+def sleeve_emulator_image_tag(version: str = enclave_runtime.__version__) -> str:
+    return f"{SLEEVE_EMULATOR_REPOSITORY}:{version}"
+
+
+def sleeve_nitro_image_tag(version: str = enclave_runtime.__version__) -> str:
+    return f"{SLEEVE_NITRO_REPOSITORY}:{version}"
+
+
+def runtime_command(name: str) -> str:
+    """The absolute path of a runtime command (python3, odyn, sleeve, nitro-emu, ...)."""
+    return f"{RUNTIME_PREFIX}/bin/{name}"
+
+
+def _absolute(path: str | os.PathLike[str], what: str) -> str:
+    text = os.fspath(path)
+    if not os.path.isabs(text):
+        raise ProjectImagesError(
+            f"{what} {text!r} must be an absolute path: the container mounts it at the same path"
+        )
+    return os.path.normpath(text)
+
+
+def emulator_container_settings(
+    emulator_root: str | os.PathLike[str], allocator: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """docker SDK ``containers.run`` keyword arguments for a sleeve on this emulator root."""
+    root = _absolute(emulator_root, "the emulator root (NITRO_EMU_ROOT)")
+    volumes = {root: {"bind": root, "mode": "rw"}}
+    environment = {"NITRO_EMU_ROOT": root}
+    if allocator is not None:
+        allocator_path = _absolute(allocator, "the allocator file (NITRO_EMU_ALLOCATOR)")
+        if not allocator_path.startswith(root + "/"):
+            volumes[allocator_path] = {"bind": allocator_path, "mode": "ro"}
+        environment["NITRO_EMU_ALLOCATOR"] = allocator_path
+    return {
+        "cap_add": list(EMULATOR_CONTAINER_SETTINGS["cap_add"]),
+        "security_opt": list(EMULATOR_CONTAINER_SETTINGS["security_opt"]),
+        "pid_mode": EMULATOR_CONTAINER_SETTINGS["pid_mode"],
+        "user": EMULATOR_CONTAINER_SETTINGS["user"],
+        "volumes": volumes,
+        "environment": environment,
+    }
+
+
+def emulator_docker_run_args(
+    emulator_root: str | os.PathLike[str], allocator: str | os.PathLike[str] | None = None
+) -> list[str]:
+    """The same settings as ``docker run`` options (place them before the image)."""
+    settings = emulator_container_settings(emulator_root, allocator)
+    args = [f"--cap-add={cap}" for cap in settings["cap_add"]]
+    args += [f"--security-opt={option}" for option in settings["security_opt"]]
+    args += [f"--pid={settings['pid_mode']}", f"--user={settings['user']}"]
+    for source, bind in settings["volumes"].items():
+        args.append(f"--volume={source}:{bind['bind']}:{bind['mode']}")
+    args += [f"--env={name}={value}" for name, value in settings["environment"].items()]
+    return args
+
+
+def _digest_tree(digest: Any, path: Path) -> None:
+    entries = [path] if not path.is_dir() else sorted(path.rglob("*"))
+    for entry in entries:
+        name = entry.name if entry == path else entry.relative_to(path).as_posix()
+        if entry.is_symlink():
+            record = f"link {name} {os.readlink(entry)}"
+        elif entry.is_dir():
+            record = f"dir {name}"
+        else:
+            executable = "x" if os.access(entry, os.X_OK) else "-"
+            record = f"file {name} {executable} {entry.stat().st_size}"
+        digest.update(record.encode() + b"\0")
+        if entry.is_file() and not entry.is_symlink():
+            digest.update(entry.read_bytes())
+
+
+def inputs_digest(paths: Sequence[Path], extras: Sequence[str] = ()) -> str:
+    """A digest of files and trees (names, contents, executable bits; not times) and strings."""
+    digest = hashlib.sha256()
+    for path in paths:
+        if not path.exists():
+            raise ProjectImagesError(f"image input {path} does not exist")
+        digest.update(f"input {path.name}\0".encode())
+        _digest_tree(digest, path)
+    for extra in extras:
+        digest.update(f"extra {extra}\0".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def runtime_entry_points() -> list[str]:
+    """``name = module:function`` for each console script of the installed enclave-runtime."""
+    try:
+        distribution = metadata.distribution(RUNTIME_DISTRIBUTION)
+    except metadata.PackageNotFoundError as err:
+        raise ProjectImagesError(
+            f"{RUNTIME_DISTRIBUTION} is not installed in {sys.prefix}: its console scripts are "
+            "the runtime's commands; install it (pip install -e .) and build again"
+        ) from err
+    scripts = [e for e in distribution.entry_points if e.group == "console_scripts"]
+    return [f"{e.name} = {e.value}" for e in sorted(scripts, key=lambda e: e.name)]
+
+
+def prepare_runtime_context(context: Path) -> None:
+    """Fill ``context`` with what images/runtime/Dockerfile builds from."""
+    from enclave_runtime.host.runtime_bundle import bundle_runtime  # noqa: PLC0415 - see above
+
+    context.mkdir(parents=True, exist_ok=True)
+    for name in RUNTIME_CONTEXT_FILES:
+        shutil.copyfile(RUNTIME_IMAGE_DIR / name, context / name)
+    (context / "entry-points.txt").write_text("".join(f"{e}\n" for e in runtime_entry_points()))
+    bundle_runtime(context / "site-packages")
+
+
+def _script_failure(result: subprocess.CompletedProcess[str], script: Path) -> ProjectImagesError:
+    tail = "\n".join(result.stderr.strip().splitlines()[-20:])
+    return ProjectImagesError(
+        f"{script} failed with exit status {result.returncode}; its output ends with:\n{tail}\n"
+        "Fix the cause above (Docker not running: scripts/ensure-docker.sh; no Debian mirror: "
+        "set DEBIAN_MIRROR) and run it again."
+    )
+
+
+def ensure_project_images(
+    nitro: bool = False,
+    base_image: str | None = None,
+    script: Path = BUILD_SCRIPT,
+    timeout: float = BUILD_TIMEOUT,
+) -> ProjectImages:
+    """Build whatever project image is missing or stale (fast when none is); return the tags."""
+    if not script.is_file():
+        raise ProjectImagesError(
+            f"{script} not found: the project's images are built from the EnclaveOps source tree "
+            "(images/ and scripts/); run this from a checkout, or load the images there"
+        )
+    env = dict(os.environ, PYTHON=sys.executable)
+    if base_image is not None:
+        env["BASE_IMAGE"] = base_image
+    command = [str(script), *(["--nitro"] if nitro else [])]
+    try:
+        result = subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired as err:
+        raise ProjectImagesError(f"{script} did not finish within {timeout:g} s") from err
+    if result.returncode != 0:
+        raise _script_failure(result, script)
+    tags = result.stdout.split()
+    wanted = [runtime_image_tag(), sleeve_emulator_image_tag()]
+    if nitro:
+        wanted.append(sleeve_nitro_image_tag())
+    if tags != wanted:
+        raise ProjectImagesError(f"{script} printed {tags}, expected the tags {wanted}")
+    return ProjectImages(*wanted)
+
+
+TAGS = {
+    "runtime": runtime_image_tag,
+    "sleeve-emulator": sleeve_emulator_image_tag,
+    "sleeve-nitro": sleeve_nitro_image_tag,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m enclave_runtime.host.project_images",
+        description="helper of scripts/build-images.sh",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    context = commands.add_parser("runtime-context", help="prepare the runtime's build context")
+    context.add_argument("directory", type=Path)
+    digest = commands.add_parser("digest", help="print the digest of image inputs")
+    digest.add_argument("paths", type=Path, nargs="+")
+    digest.add_argument("--extra", action="append", default=[], help="a string input (image ID)")
+    tag = commands.add_parser("tag", help="print an image's tag")
+    tag.add_argument("image", choices=sorted(TAGS))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "runtime-context":
+            prepare_runtime_context(args.directory)
+        elif args.command == "digest":
+            print(inputs_digest(args.paths, args.extra))
+        else:
+            print(TAGS[args.image]())
+    except EnclaveOpsError as err:
+        print(f"project_images: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
