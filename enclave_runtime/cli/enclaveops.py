@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from enclave_runtime import __version__
-from enclave_runtime.cli import attest_cmd, eif_cmd, manifest_cmd
+from enclave_runtime.cli import attest_cmd, build_cmd, eif_cmd, manifest_cmd, run_cmd
 from enclave_runtime.errors import EnclaveOpsError
 
-COMMAND_GROUPS = (manifest_cmd, eif_cmd, attest_cmd)
+COMMAND_GROUPS = (manifest_cmd, eif_cmd, attest_cmd, build_cmd, run_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
