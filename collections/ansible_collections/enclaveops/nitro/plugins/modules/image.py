@@ -1,0 +1,231 @@
+#!/usr/bin/python
+# Copyright: EnclaveOps contributors
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+"""Ansible module enclaveops.nitro.image: thin over enclave_runtime.host.build_pipeline.build."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: image
+short_description: Build the release image of an enclaver.yaml (amended image, EIF, sleeve image)
+version_added: 0.1.0
+description:
+  - The enclaver pipeline, as C(enclaveops build) runs it. The app image (C(sources.app)) is
+    amended with the enclave runtime (C(sources.odyn)) and the manifest, with C(odyn) as its
+    ENTRYPOINT; its EIF is built with nitro-cli or the native builder; the release image tagged
+    C(target) is the sleeve base (C(sources.sleeve)) plus C(/enclave/application.eif) and
+    C(/enclave/enclaver.yaml).
+  - The source images must be local, unless O(pull=true).
+  - The release image carries the digest of every input (the source image IDs, the manifest's
+    bytes, the enclave-runtime version, the builder, the blobs, the signing certificate,
+    E(SOURCE_DATE_EPOCH)). When the local C(target) has the same digest nothing is built and
+    RV(reason) says so.
+  - With the native builder the same inputs give the same EIF, PCRs and image IDs on any host.
+author:
+  - EnclaveOps contributors (@enclaveops)
+options:
+  manifest:
+    description:
+      - The C(enclaver.yaml). Relative paths in it (the signing files) are relative to it.
+    type: path
+    required: true
+  pull:
+    description:
+      - Pull a source image that is not present locally. An image that is present is never
+        pulled.
+    type: bool
+    default: false
+  builder:
+    description:
+      - V(nitro-cli) runs O(nitro_cli_path) C(build-enclave); V(native) builds without it.
+      - V(auto) is V(nitro-cli) when O(nitro_cli_path) is AWS's nitro-cli, else V(native).
+    type: str
+    choices: [auto, nitro-cli, native]
+    default: auto
+  blobs:
+    description:
+      - The blobs directory (kernel, C(cmdline), C(init), C(nsm.ko)); defaults to
+        E(NITRO_CLI_BLOBS), else the emulator's placeholder blobs (native builder).
+    type: path
+  force:
+    description:
+      - Build even when the inputs are unchanged.
+    type: bool
+    default: false
+extends_documentation_fragment:
+  - enclaveops.nitro.nitro
+attributes:
+  check_mode:
+    support: full
+    description: Resolves the sources and computes the inputs digest, building nothing.
+  diff_mode:
+    support: none
+    description: Images are not diffed; RV(reason) says why the image is (re)built.
+  idempotent:
+    support: full
+    description: Unchanged inputs leave the release image alone (C(changed=false)).
+notes:
+  - Needs the Docker SDK for Python and a Docker engine on the target (O(docker_host)).
+  - The project's runtime and sleeve images are built by C(scripts/build-images.sh).
+seealso:
+  - module: enclaveops.nitro.eif
+  - module: enclaveops.nitro.sleeve
+"""
+
+EXAMPLES = r"""
+- name: Build the release image of the hello example
+  enclaveops.nitro.image:
+    manifest: /srv/hello/enclaver.yaml
+    builder: native
+  register: hello_image
+
+- name: Run it
+  enclaveops.nitro.sleeve:
+    name: hello
+    image: "{{ hello_image.image }}"
+    published_ports: ["8080:8080"]
+
+- name: Check the PCRs the build printed against an attestation
+  enclaveops.nitro.attestation:
+    url: http://127.0.0.1:9101
+    expected_pcrs:
+      0: "{{ hello_image.measurements.PCR0 }}"
+"""
+
+RETURN = r"""
+sources:
+  description: Each source image's reference and image ID.
+  returned: always
+  type: dict
+  sample:
+    app: {Reference: "enclaveops-examples/hello:latest", ImageID: "sha256:5354..."}
+    odyn: {Reference: "enclaveops/runtime:0.1.0", ImageID: "sha256:f116..."}
+    sleeve: {Reference: "enclaveops/sleeve-emulator:0.1.0", ImageID: "sha256:faba..."}
+measurements:
+  description: The EIF's PCRs as nitro-cli prints them; null when check mode would build.
+  returned: always
+  type: dict
+  sample:
+    HashAlgorithm: "Sha384 { ... }"
+    PCR0: "b0080979fa132f05..."
+    PCR1: "0c18a7fbcb7a6614..."
+    PCR2: "42b6aee0a01cb8af..."
+image:
+  description: The release image as C(target@id); the target alone when check mode would build.
+  returned: always
+  type: str
+  sample: "enclaveops-examples/hello-release:latest@sha256:c69c89b1..."
+image_id:
+  description: The release image's ID; null when check mode would build.
+  returned: always
+  type: str
+eif_digest:
+  description: SHA-256 of the EIF inside the image; null when check mode would build.
+  returned: always
+  type: str
+inputs_digest:
+  description: The digest of the inputs (see the description).
+  returned: always
+  type: str
+builder:
+  description: The EIF builder (V(nitro-cli) or V(native)).
+  returned: always
+  type: str
+reason:
+  description: Why the image was built, or why it was left alone.
+  returned: always
+  type: str
+  sample: "inputs unchanged: enclaveops-examples/hello-release:latest already holds this build"
+"""
+
+# Ansible reads the documentation above before the imports (validate-modules insists).
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible_collections.enclaveops.nitro.plugins.module_utils.common import (  # noqa: E402
+    apply_environment,
+    fail_from_error,
+    import_docker,
+    import_runtime,
+    nitro_argument_spec,
+)
+
+
+def build_options(pipeline, module):
+    params = module.params
+    return pipeline.BuildOptions(
+        pull=params["pull"],
+        builder=params["builder"],
+        nitro_cli=params["nitro_cli_path"] or "nitro-cli",
+        blobs=params["blobs"],
+        force=params["force"],
+    )
+
+
+def built_result(build):
+    document = build.to_json()
+    return dict(
+        changed=not build.skipped,
+        sources=document["Sources"],
+        measurements=document["Measurements"],
+        image=build.image,
+        image_id=build.image_id,
+        eif_digest=build.eif_sha256,
+        inputs_digest=build.inputs_digest,
+        builder=build.builder,
+        reason=build.reason,
+    )
+
+
+def predicted_result(pipeline, client, module, options):
+    """Check mode: whether a build would run, from the inputs digest alone."""
+    plan = pipeline.plan_build(module.params["manifest"], options, client)
+    existing, reason = pipeline.existing_release(client, plan, force=options.force)
+    if existing is not None:
+        return built_result(existing)
+    return dict(
+        changed=True,
+        sources={source.name: source.to_json() for source in plan.sources},
+        measurements=None,
+        image=plan.manifest.target,
+        image_id=None,
+        eif_digest=None,
+        inputs_digest=plan.inputs_digest,
+        builder=plan.builder,
+        reason=reason,
+    )
+
+
+def run(module):
+    import_docker(module)
+    errors = import_runtime(module, "enclave_runtime.errors")
+    pipeline = import_runtime(module, "enclave_runtime.host.build_pipeline")
+    docker_rootfs = import_runtime(module, "enclave_runtime.host.docker_rootfs")
+    apply_environment(module)
+    options = build_options(pipeline, module)
+    try:
+        client = docker_rootfs.docker_client()
+        if module.check_mode:
+            module.exit_json(**predicted_result(pipeline, client, module, options))
+        build = pipeline.build(module.params["manifest"], options, client=client)
+    except errors.EnclaveOpsError as err:
+        fail_from_error(
+            module, err, f"cannot build the release image of {module.params['manifest']}"
+        )
+    module.exit_json(**built_result(build))
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=nitro_argument_spec(
+            manifest=dict(type="path", required=True),
+            pull=dict(type="bool", default=False),
+            builder=dict(type="str", choices=["auto", "nitro-cli", "native"], default="auto"),
+            blobs=dict(type="path"),
+            force=dict(type="bool", default=False),
+        ),
+        supports_check_mode=True,
+    )
+    run(module)
+
+
+if __name__ == "__main__":
+    main()

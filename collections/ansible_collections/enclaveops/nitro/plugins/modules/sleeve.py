@@ -1,0 +1,342 @@
+#!/usr/bin/python
+# Copyright: EnclaveOps contributors
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+"""Ansible module enclaveops.nitro.sleeve: thin over enclave_runtime.host.sleeve_container."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: sleeve
+short_description: Run a release image (its enclave) as a sleeve container
+version_added: 0.1.0
+description:
+  - Ensures that the container O(name) runs the release image O(image) (built by
+    C(enclaveops build) or M(enclaveops.nitro.image)), whose entrypoint, the sleeve, starts the
+    enclave, publishes its ingress ports and terminates it when the container stops.
+  - On a Nitro parent instance the container gets the device C(/dev/nitro_enclaves). With the
+    emulator (O(emulator), by default when O(emulator_root) is set) the emulator's directory is
+    shared with the container at the same path, with the privileges the emulator's sandbox
+    needs, so that C(nitro-emu describe-enclaves) and C(initctl) on the host reach the enclave.
+  - Idempotent on the image ID and the configuration. A container is left alone when it runs
+    the image O(image) names now and its configuration (ports, resources, debug mode, emulator
+    root, restart policy) matches; it is replaced otherwise. The configuration is stored on the
+    container as labels (C(org.enclaveops.sleeve.config) and a digest of the whole container
+    specification).
+  - With O(wait=true) the module returns once the enclave is C(RUNNING) (the sleeve's
+    C(started enclave) line, confirmed by C(describe-enclaves) through O(nitro_cli_path)).
+  - Stopping or removing the container terminates the enclave first (C(docker stop) gives the
+    sleeve SIGTERM; it terminates the enclave and exits).
+author:
+  - EnclaveOps contributors (@enclaveops)
+options:
+  name:
+    description:
+      - The container's name; the module manages the one container with this name.
+    type: str
+    required: true
+  image:
+    description:
+      - The release image, as a local Docker reference (C(repository:tag) or an image ID). It is
+        not pulled.
+      - Required unless O(state=absent).
+    type: str
+  state:
+    description:
+      - V(started) creates the container if needed (replacing one that differs) and starts it.
+      - V(stopped) makes sure it exists and is not running (its enclave terminated).
+      - V(absent) stops and removes it.
+    type: str
+    choices: [started, stopped, absent]
+    default: started
+  published_ports:
+    description:
+      - Ingress ports to publish on the host, as C(HOST:CONTAINER) or C(IP:HOST:CONTAINER)
+        (TCP), where CONTAINER is an C(ingress[].listen_port) of the manifest.
+    type: list
+    elements: str
+    default: []
+  cpu_count:
+    description:
+      - vCPUs for the enclave; unset uses the manifest's C(defaults.cpu_count).
+    type: int
+  memory_mib:
+    description:
+      - Memory for the enclave in MiB (at least 4 times the EIF's size); unset uses the
+        manifest's C(defaults.memory_mb).
+    type: int
+  debug_mode:
+    description:
+      - Run the enclave in debug mode; its console is relayed to the container's log and its
+        attestation documents carry zero PCR0-2, so never use it for production secrets.
+    type: bool
+    default: false
+  emulator:
+    description:
+      - Run on the nitro-emu emulator rather than on a Nitro parent instance.
+      - Defaults to V(true) when O(emulator_root) is set, else V(false).
+      - The emulator root shared with the container is O(emulator_root), else E(NITRO_EMU_ROOT),
+        else C(/run/nitro-emu).
+    type: bool
+  emulator_allocator:
+    description:
+      - The emulator's allocator file, shared read-only with the container.
+      - Defaults to E(NITRO_EMU_ALLOCATOR), else C(/etc/nitro_enclaves/allocator.yaml) when it
+        exists.
+    type: path
+  restart_policy:
+    description:
+      - Docker's restart policy for the container.
+    type: str
+    choices: ["no", on-failure, unless-stopped, always]
+    default: "no"
+  wait:
+    description:
+      - With O(state=started), wait until the enclave is C(RUNNING).
+    type: bool
+    default: true
+  wait_timeout:
+    description:
+      - How long to wait, in seconds.
+    type: int
+    default: 180
+extends_documentation_fragment:
+  - enclaveops.nitro.nitro
+requirements:
+  - docker (the Docker SDK for Python, on the target)
+attributes:
+  check_mode:
+    support: full
+    description:
+      - Reads the container and the image and predicts whether it would be created, replaced,
+        started, stopped or removed. Changes nothing.
+  diff_mode:
+    support: full
+    description: Shows the image ID, the state and the configuration before and after.
+  idempotent:
+    support: full
+    description: A running container with the same image ID and configuration is left alone.
+"""
+
+EXAMPLES = r"""
+- name: Run the release image on a Nitro parent, publishing the app's port
+  enclaveops.nitro.sleeve:
+    name: hello
+    image: enclaveops-examples/hello-release:latest
+    published_ports:
+      - "8080:8080"
+      - "127.0.0.1:9101:9101"
+  register: hello_sleeve
+
+- name: Show where the enclave runs
+  ansible.builtin.debug:
+    msg: "enclave {{ hello_sleeve.enclave.EnclaveID }} (CID {{ hello_sleeve.enclave.EnclaveCID }})"
+
+- name: On the emulator, for every module of the play
+  module_defaults:
+    group/enclaveops.nitro.nitro:
+      nitro_cli_path: /usr/local/bin/nitro-emu
+      emulator_root: /run/nitro-emu
+  block:
+    - name: Run the release image on nitro-emu
+      enclaveops.nitro.sleeve:
+        name: hello
+        image: enclaveops-examples/hello-release:latest
+        published_ports: ["8080:8080"]
+        memory_mib: 1024
+
+- name: Stop it (the enclave is terminated, the container kept)
+  enclaveops.nitro.sleeve:
+    name: hello
+    image: enclaveops-examples/hello-release:latest
+    state: stopped
+
+- name: Remove it
+  enclaveops.nitro.sleeve:
+    name: hello
+    state: absent
+"""
+
+RETURN = r"""
+container:
+  description: The container after the task; null when absent (or in check mode, not yet created).
+  returned: always
+  type: dict
+  contains:
+    id:
+      description: The container ID.
+      type: str
+      sample: 5f0c4e0d8a3b...
+    name:
+      description: The container's name.
+      type: str
+      sample: hello
+    image_id:
+      description: The ID of the release image it runs.
+      type: str
+      sample: sha256:6a1e...
+    status:
+      description: Docker's status (V(running), V(created), V(exited) ...).
+      type: str
+      sample: running
+enclave:
+  description:
+    - The enclave the sleeve started, from C(describe-enclaves); null unless O(state=started)
+      with O(wait=true) (and never in check mode).
+  returned: always
+  type: dict
+  contains:
+    EnclaveID:
+      description: The enclave ID.
+      type: str
+      sample: i-0123456789abcdef0-enc0123456789abcdef
+    EnclaveCID:
+      description: The enclave's vsock CID.
+      type: int
+      sample: 16
+    EnclaveName:
+      description: The enclave's name.
+      type: str
+      sample: application
+    State:
+      description: C(RUNNING).
+      type: str
+      sample: RUNNING
+reason:
+  description: Why the container was (or would be) changed, or why it was left alone.
+  returned: always
+  type: str
+  sample: its configuration differs
+"""
+
+# Ansible reads the documentation above before the imports (validate-modules insists).
+import os  # noqa: E402
+
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible_collections.enclaveops.nitro.plugins.module_utils.common import (  # noqa: E402
+    apply_environment,
+    fail_from_error,
+    import_docker,
+    import_runtime,
+    nitro_argument_spec,
+    nitro_cli,
+)
+
+
+def config_from_params(containers, params):
+    """The SleeveConfig the options ask for (emulator settings resolved from the environment)."""
+    emulator = params["emulator"]
+    if emulator is None:
+        emulator = bool(params["emulator_root"])
+    root = allocator = None
+    if emulator:
+        root = params["emulator_root"] or containers.default_emulator_root(os.environ)
+        allocator = params["emulator_allocator"] or containers.default_emulator_allocator(
+            os.environ
+        )
+    return containers.SleeveConfig(
+        published_ports=tuple(containers.parse_port_binding(p) for p in params["published_ports"]),
+        cpu_count=params["cpu_count"],
+        memory_mb=params["memory_mib"],
+        debug_mode=params["debug_mode"],
+        emulator_root=root,
+        emulator_allocator=allocator,
+        restart_policy=params["restart_policy"],
+    )
+
+
+def image_id(rootfs, client, reference, check_mode):
+    """The release image's ID; in check mode a missing image is a change to come, not an error."""
+    try:
+        return rootfs.get_image(client, reference).id
+    except rootfs.ImageNotFoundError:
+        if check_mode:
+            return None
+        raise
+
+
+def state_word(current):
+    return "started" if current.running else "stopped"
+
+
+def diff(containers, current, wanted_state, wanted_image_id, config):
+    before = {}
+    if current is not None:
+        before = containers.diff_view(current.image_id, state_word(current), current.config)
+    after = {}
+    if wanted_state != "absent":
+        after = containers.diff_view(wanted_image_id, wanted_state, config.to_dict())
+    return dict(before=before, after=after)
+
+
+def enclave_result(info):
+    return dict(
+        EnclaveID=info.enclave_id,
+        EnclaveCID=info.enclave_cid,
+        EnclaveName=info.enclave_name,
+        State=info.state,
+    )
+
+
+def run(module):
+    errors = import_runtime(module, "enclave_runtime.errors")
+    containers = import_runtime(module, "enclave_runtime.host.sleeve_container")
+    rootfs = import_runtime(module, "enclave_runtime.host.docker_rootfs")
+    import_docker(module)
+    apply_environment(module)
+    params = module.params
+    name, state = params["name"], params["state"]
+    hint = f"sleeve container {name}"
+    try:
+        config = config_from_params(containers, params)
+        client = rootfs.docker_client()
+        container = containers.find_container(client, name)
+        current = containers.container_state(container) if container is not None else None
+        wanted_image = None
+        spec = containers.container_spec(params["image"] or "", name, config)
+        if state != "absent":
+            wanted_image = image_id(rootfs, client, params["image"], module.check_mode)
+        plan = containers.plan_sleeve(current, state, wanted_image, spec)
+    except errors.EnclaveOpsError as err:
+        fail_from_error(module, err, hint)
+    result = dict(changed=plan.changed, reason=plan.reason, enclave=None)
+    if module._diff:
+        result["diff"] = diff(containers, current, state, wanted_image, config)
+    if module.check_mode:
+        module.exit_json(container=current.as_result() if current else None, **result)
+    try:
+        container = containers.apply_plan(client, plan, container, spec)
+        if container is not None and state == "started" and params["wait"]:
+            info = containers.wait_for_enclave(container, nitro_cli(module), params["wait_timeout"])
+            result["enclave"] = enclave_result(info)
+    except errors.EnclaveOpsError as err:
+        fail_from_error(module, err, hint, **result)
+    after = containers.container_state(container) if container is not None else None
+    module.exit_json(container=after.as_result() if after else None, **result)
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=nitro_argument_spec(
+            name=dict(type="str", required=True),
+            image=dict(type="str"),
+            state=dict(type="str", choices=["started", "stopped", "absent"], default="started"),
+            published_ports=dict(type="list", elements="str", default=[]),
+            cpu_count=dict(type="int"),
+            memory_mib=dict(type="int"),
+            debug_mode=dict(type="bool", default=False),
+            emulator=dict(type="bool"),
+            emulator_allocator=dict(type="path"),
+            restart_policy=dict(
+                type="str", choices=["no", "on-failure", "unless-stopped", "always"], default="no"
+            ),
+            wait=dict(type="bool", default=True),
+            wait_timeout=dict(type="int", default=180),
+        ),
+        required_if=[("state", "started", ("image",)), ("state", "stopped", ("image",))],
+        supports_check_mode=True,
+    )
+    run(module)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+# Copyright: EnclaveOps contributors
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+"""enclaveops.nitro.image: the adapter over enclave_runtime's build pipeline (the pipeline itself
+runs in tests/e2e/test_build.py): options passed through, results mapped, check mode building
+nothing, errors reported with what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from ansible_collections.enclaveops.nitro.plugins.modules import image
+
+pipeline = pytest.importorskip("enclave_runtime.host.build_pipeline")
+docker_rootfs = pytest.importorskip("enclave_runtime.host.docker_rootfs")
+pcr = pytest.importorskip("enclave_runtime.formats.pcr")
+
+TARGET = "hello-release:latest"
+MEASUREMENTS = pcr.Measurements(bytes(48), b"\x01" * 48, b"\x02" * 48)
+SOURCES = (
+    pipeline.SourceImage("app", "hello:latest", "sha256:a", "amd64"),
+    pipeline.SourceImage("odyn", "enclaveops/runtime:0.1.0", "sha256:o", "amd64"),
+    pipeline.SourceImage("sleeve", "enclaveops/sleeve-emulator:0.1.0", "sha256:s", "amd64"),
+)
+
+
+class FakeManifest:
+    target = TARGET
+
+
+def result(skipped: bool) -> Any:
+    return pipeline.BuildResult(
+        target=TARGET,
+        image_id="sha256:rel",
+        sources=SOURCES,
+        measurements=MEASUREMENTS,
+        eif_sha256="ee" * 32,
+        eif_size=100,
+        builder="native",
+        inputs_digest="sha256:in",
+        skipped=skipped,
+        reason="inputs unchanged: …" if skipped else "no local image hello-release:latest",
+        amended=None if skipped else "hello-release-amended:latest@sha256:am",
+    )
+
+
+class Pipeline:
+    """Stand-ins for plan_build, existing_release and build, recording their calls."""
+
+    def __init__(self, up_to_date: bool) -> None:
+        self.up_to_date = up_to_date
+        self.calls: list[tuple[str, Any]] = []
+
+    def plan_build(self, manifest, options, client):
+        self.calls.append(("plan", options))
+        return pipeline.BuildPlan(FakeManifest(), b"", {}, SOURCES, "native", None, "sha256:in")
+
+    def existing_release(self, client, plan, force=False):
+        if self.up_to_date and not force:
+            return result(skipped=True), "inputs unchanged: …"
+        return None, "forced (--force)" if force else "no local image hello-release:latest"
+
+    def build(self, manifest, options, client=None):
+        self.calls.append(("build", options))
+        if manifest == "broken.yaml":
+            raise pipeline.SourceImageError("sources.app in broken.yaml: the image 'x' is missing")
+        return result(skipped=self.up_to_date and not options.force)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    def install(up_to_date: bool) -> Pipeline:
+        stand_in = Pipeline(up_to_date)
+        for name in ("plan_build", "existing_release", "build"):
+            monkeypatch.setattr(pipeline, name, getattr(stand_in, name))
+        monkeypatch.setattr(docker_rootfs, "docker_client", object)
+        return stand_in
+
+    return install
+
+
+def test_a_build_reports_the_image_the_measurements_and_why(run_module, fake) -> None:
+    stand_in = fake(up_to_date=False)
+
+    built = run_module(image.main, {"manifest": "enclaver.yaml", "pull": True, "blobs": "/b"})
+
+    assert built["changed"] is True
+    assert built["image"] == "hello-release:latest@sha256:rel"
+    assert built["measurements"] == MEASUREMENTS.to_nitro_cli()
+    assert built["sources"]["app"] == {"Reference": "hello:latest", "ImageID": "sha256:a"}
+    assert (built["eif_digest"], built["image_id"]) == ("ee" * 32, "sha256:rel")
+    assert built["reason"] == "no local image hello-release:latest"
+    ((_call, options),) = stand_in.calls
+    assert (options.pull, str(options.blobs), options.builder) == (True, "/b", "auto")
+
+
+def test_unchanged_inputs_are_not_a_change(run_module, fake) -> None:
+    fake(up_to_date=True)
+
+    assert run_module(image.main, {"manifest": "enclaver.yaml"})["changed"] is False
+
+
+def test_check_mode_predicts_and_builds_nothing(run_module, fake) -> None:
+    stand_in = fake(up_to_date=False)
+
+    predicted = run_module(image.main, {"manifest": "enclaver.yaml"}, check_mode=True)
+
+    assert [call for call, _options in stand_in.calls] == ["plan"]
+    assert predicted["changed"] is True
+    assert (predicted["image"], predicted["measurements"]) == (TARGET, None)
+    assert predicted["inputs_digest"] == "sha256:in"
+    fake(up_to_date=True)
+    assert run_module(image.main, {"manifest": "e.yaml"}, check_mode=True)["changed"] is False
+
+
+def test_force_builds_in_check_mode_too(run_module, fake) -> None:
+    fake(up_to_date=True)
+
+    predicted = run_module(image.main, {"manifest": "e.yaml", "force": True}, check_mode=True)
+
+    assert (predicted["changed"], predicted["reason"]) == (True, "forced (--force)")
+
+
+def test_a_failed_build_says_what_and_why(run_module, fake) -> None:
+    fake(up_to_date=False)
+
+    failed = run_module(image.main, {"manifest": "broken.yaml"})
+
+    assert failed["failed"]
+    assert failed["msg"] == (
+        "cannot build the release image of broken.yaml: sources.app in broken.yaml: the image "
+        "'x' is missing"
+    )

@@ -1,0 +1,240 @@
+# Copyright: EnclaveOps contributors
+# Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
+"""enclaveops.nitro.sleeve: created and started once, left alone, replaced when the image or the
+configuration changes, predicted in check mode, stopped and removed.
+
+Docker is a stand-in (FakeDocker) that keeps containers as the engine does; nitro-cli is the
+stateful fake (fake_nitro_cli), which lists the enclave a started container's sleeve announces.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ansible_collections.enclaveops.nitro.plugins.modules import sleeve
+from ansible_collections.enclaveops.nitro.tests.unit.plugins.modules import fake_nitro_cli
+
+docker = pytest.importorskip("docker")
+docker_rootfs = pytest.importorskip("enclave_runtime.host.docker_rootfs")
+
+RELEASE = "hello-release:latest"
+ZERO_PCR = "0" * 96
+
+
+class FakeContainer:
+    def __init__(self, engine: FakeDocker, spec: dict[str, Any]) -> None:
+        self.engine = engine
+        self.spec = spec
+        self.name = spec["name"]
+        self.id = f"c{len(engine.created):04d}"
+        self.labels = spec["labels"]
+        self.status = "created"
+        self.attrs: dict[str, Any] = {
+            "Image": engine.images.ids[spec["image"]],
+            "State": {"ExitCode": 0, "StartedAt": "0001-01-01T00:00:00Z"},
+        }
+        self.log = b""
+
+    def start(self) -> None:
+        self.status = "running"
+        self.engine.actions.append(("start", self.name))
+        cid = 16 + len(self.engine.actions)
+        enclave_id = f"i-0000000000000000-enc{cid:016x}"
+        self.log += f"sleeve: started enclave ID={enclave_id}, CID={cid}\n".encode()
+        self.engine.enclave_started(enclave_id, cid)
+
+    def stop(self, timeout: int) -> None:
+        if self.status == "running":
+            self.status = "exited"
+            self.attrs["State"]["ExitCode"] = 109
+            self.engine.actions.append(("stop", self.name))
+
+    def remove(self, **_kwargs: Any) -> None:
+        del self.engine.running[self.name]
+        self.engine.actions.append(("remove", self.name))
+
+    def reload(self) -> None:
+        pass
+
+    def logs(self, **_kwargs: Any) -> bytes:
+        return self.log
+
+
+class FakeImages:
+    def __init__(self) -> None:
+        self.ids = {RELEASE: "sha256:aaaa"}
+
+    def get(self, reference: str) -> Any:
+        if reference not in self.ids:
+            raise docker.errors.ImageNotFound(reference)
+        return type("Image", (), {"id": self.ids[reference]})()
+
+
+class FakeContainers:
+    def __init__(self, engine: FakeDocker) -> None:
+        self.engine = engine
+
+    def get(self, name: str) -> FakeContainer:
+        if name not in self.engine.running:
+            raise docker.errors.NotFound(name)
+        return self.engine.running[name]
+
+    def create(self, **spec: Any) -> FakeContainer:
+        self.engine.created.append(spec)
+        container = FakeContainer(self.engine, spec)
+        self.engine.running[spec["name"]] = container
+        self.engine.actions.append(("create", spec["name"]))
+        return container
+
+
+class FakeDocker:
+    """The engine calls the module makes (images.get, containers.get/create), as a client."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.images = FakeImages()
+        self.containers = FakeContainers(self)
+        self.running: dict[str, FakeContainer] = {}
+        self.created: list[dict[str, Any]] = []
+        self.actions: list[tuple[str, str]] = []
+
+    def enclave_started(self, enclave_id: str, cid: int) -> None:
+        """What the sleeve's run-enclave leaves in nitro-cli's view of the host."""
+        state_file = self.state_dir / "fake-state.json"
+        state = json.loads(state_file.read_text()) if state_file.exists() else {"enclaves": []}
+        state["enclaves"].append(
+            {
+                "EnclaveName": "application",
+                "EnclaveID": enclave_id,
+                "ProcessID": 1000 + cid,
+                "EnclaveCID": cid,
+                "NumberOfCPUs": 2,
+                "CPUIDs": [1, 2],
+                "MemoryMiB": 1024,
+                "State": "RUNNING",
+                "Flags": "NONE",
+                "Measurements": {
+                    "HashAlgorithm": "Sha384 { ... }",
+                    **{f"PCR{index}": ZERO_PCR for index in range(3)},
+                },
+            }
+        )
+        state_file.write_text(json.dumps(state))
+
+
+@pytest.fixture
+def engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeDocker:
+    root = tmp_path / "emu"
+    root.mkdir()
+    fake = FakeDocker(root)
+    monkeypatch.setattr(docker_rootfs, "docker_client", lambda: fake)
+    return fake
+
+
+@pytest.fixture
+def args(tmp_path: Path, engine: FakeDocker) -> dict[str, Any]:
+    """The options a play would give on the emulator (module_defaults included)."""
+    return {
+        "nitro_cli_path": str(fake_nitro_cli.install(tmp_path)),
+        "emulator_root": str(engine.state_dir),
+        "emulator_allocator": str(tmp_path / "allocator.yaml"),
+        "name": "hello",
+        "image": RELEASE,
+        "published_ports": ["8080:8080"],
+        "wait_timeout": 10,
+    }
+
+
+def test_starts_waits_for_the_enclave_then_leaves_it_alone(run_module, engine, args) -> None:
+    first = run_module(sleeve.main, args)
+    assert first["changed"] is True, first
+    assert first["container"]["status"] == "running"
+    assert first["container"]["image_id"] == "sha256:aaaa"
+    assert first["enclave"]["State"] == "RUNNING"
+    assert first["enclave"]["EnclaveCID"] == 18
+    spec = engine.created[0]
+    assert spec["volumes"][args["emulator_root"]]["bind"] == args["emulator_root"]
+    assert spec["ports"] == {"8080/tcp": [("", 8080)]}
+
+    second = run_module(sleeve.main, args)
+    assert second["changed"] is False
+    assert second["enclave"] == first["enclave"]
+    assert engine.actions == [("create", "hello"), ("start", "hello")]
+
+
+def test_a_new_release_image_replaces_the_container(run_module, engine, args) -> None:
+    run_module(sleeve.main, args)
+    engine.images.ids[RELEASE] = "sha256:bbbb"
+    result = run_module(sleeve.main, args, diff=True)
+    assert result["changed"] is True
+    assert "sha256:aaaa" in result["reason"] and "sha256:bbbb" in result["reason"]
+    assert result["diff"]["before"]["image_id"] == "sha256:aaaa"
+    assert result["diff"]["after"]["image_id"] == "sha256:bbbb"
+    assert engine.actions[2:] == [
+        ("stop", "hello"),
+        ("remove", "hello"),
+        ("create", "hello"),
+        ("start", "hello"),
+    ]
+
+
+def test_check_mode_predicts_a_configuration_change_and_changes_nothing(
+    run_module, engine, args
+) -> None:
+    run_module(sleeve.main, args)
+    result = run_module(sleeve.main, dict(args, memory_mib=2048), check_mode=True, diff=True)
+    assert result["changed"] is True
+    assert result["reason"] == "its configuration differs"
+    assert result["diff"]["before"]["config"]["memory_mb"] is None
+    assert result["diff"]["after"]["config"]["memory_mb"] == 2048
+    assert engine.actions == [("create", "hello"), ("start", "hello")]
+
+
+def test_check_mode_with_the_image_not_built_yet_predicts_a_change(
+    run_module, engine, args
+) -> None:
+    result = run_module(sleeve.main, dict(args, image="not-built:yet"), check_mode=True)
+    assert (result["changed"], result["failed"]) == (True, False)
+    assert engine.actions == []
+
+
+def test_a_missing_image_fails_with_what_to_do(run_module, engine, args) -> None:
+    result = run_module(sleeve.main, dict(args, image="not-built:yet"))
+    assert result["failed"] is True
+    assert "sleeve container hello" in result["msg"]
+    assert "'not-built:yet' is not present locally" in result["msg"]
+
+
+def test_stopped_then_absent(run_module, engine, args) -> None:
+    run_module(sleeve.main, args)
+    stopped = run_module(sleeve.main, dict(args, state="stopped"))
+    assert (stopped["changed"], stopped["container"]["status"]) == (True, "exited")
+    assert run_module(sleeve.main, dict(args, state="stopped"))["changed"] is False
+    absent = run_module(sleeve.main, {"name": "hello", "state": "absent"})
+    assert (absent["changed"], absent["container"]) == (True, None)
+    assert run_module(sleeve.main, {"name": "hello", "state": "absent"})["changed"] is False
+
+
+def test_a_bad_published_port_names_the_forms(run_module, engine, args) -> None:
+    result = run_module(sleeve.main, dict(args, published_ports=["8080"]))
+    assert result["failed"] is True
+    assert "is not HOST:CONTAINER or IP:HOST:CONTAINER" in result["msg"]
+
+
+def test_a_sleeve_that_exits_before_its_enclave_runs_fails_with_its_log(
+    run_module, engine, args, monkeypatch
+) -> None:
+    def fail_to_boot(container: FakeContainer) -> None:
+        container.status = "exited"
+        container.attrs["State"]["ExitCode"] = 1
+        container.log = b"sleeve: `nitro-emu run-enclave ...` failed with [ E26 ] ...\n"
+
+    monkeypatch.setattr(FakeContainer, "start", fail_to_boot)
+    result = run_module(sleeve.main, args)
+    assert result["failed"] is True
+    assert result["rc"] == 1
+    assert "ended with exit status 1 before its enclave was running" in result["msg"]
+    assert "[ E26 ]" in result["msg"]
