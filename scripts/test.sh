@@ -7,4 +7,7 @@ scripts/setup.sh
 if [ "$(id -u)" = 0 ]; then
     scripts/ensure-docker.sh
 fi
+scripts/ansible-test-setup.sh
+# Molecule and ansible-test start the Ansible tools by name.
+export PATH="$PWD/.venv/bin:$PATH"
 exec .venv/bin/python -m pytest "$@"

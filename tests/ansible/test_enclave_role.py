@@ -1,0 +1,266 @@
+"""The enclaveops.nitro.enclave role: deploy, prove, stay idempotent, and replace safely.
+
+One module-scoped deployment of the hello example (its own tags, ports and emulator root, so it
+runs beside other tests) through ansible-playbook on localhost with the emulator. Needs root and
+Docker (CI has both); the input checks at the end need neither.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from enclave_runtime.host.project_images import ensure_project_images
+from enclave_runtime.host.service_state import enclave_init_client, read_services
+from tests.conftest import REPO_ROOT
+from tests.e2e.conftest import base_image  # noqa: F401 (the fixture: the local Debian base image)
+
+VENV_BIN = Path(sys.executable).parent
+EXAMPLE = REPO_ROOT / "examples" / "hello"
+NAME = "role-hello"
+APP_IMAGE = "enclaveops-test/role-hello:latest"
+RELEASE_IMAGE = "enclaveops-test/role-hello-release:latest"
+AMENDED_IMAGE = "enclaveops-test/role-hello-release-amended:latest"  # the build's intermediate
+# The same release image under another ID: a replacement that boots and answers but whose
+# attestation is made to mismatch, so the role must roll back to the first one.
+OTHER_RELEASE_IMAGE = "enclaveops-test/role-hello-release:other"
+TEST_LABEL = "org.enclaveops.test=enclave-role"
+WRONG_PCR = "00" * 48
+PLAYBOOK = """\
+- name: Deploy with the enclave role
+  hosts: localhost
+  gather_facts: false
+  module_defaults:
+    group/enclaveops.nitro.nitro:
+      nitro_cli_path: {nitro_emu}
+      emulator_root: {root}
+  environment:
+    NITRO_EMU_ROOT: {root}
+    NITRO_EMU_ALLOCATOR: {allocator}
+  roles:
+    - role: enclaveops.nitro.enclave
+  post_tasks:
+    - name: Record the deployment for the test
+      ansible.builtin.copy:
+        content: "{{{{ enclave_deployment | to_json }}}}"
+        dest: {work}/deployment.json
+        mode: "0600"
+      when: not ansible_check_mode
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _run(
+    command: list[str], timeout: float = 900, **options: Any
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, check=False, **options
+    )
+
+
+@dataclass
+class Deployment:
+    work: Path
+    root: Path
+    playbook: Path
+    manifest: Path
+    ports: dict[int, int]
+
+    def play(self, *options: str, **variables: Any) -> subprocess.CompletedProcess[str]:
+        extra = self.work / "vars.json"
+        extra.write_text(json.dumps(variables))
+        env = dict(os.environ, ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+        command = [str(VENV_BIN / "ansible-playbook"), str(self.playbook), "-e", f"@{extra}"]
+        command += options
+        return _run(command, cwd=REPO_ROOT, env=env)
+
+    def good(self, **overrides: Any) -> dict[str, Any]:
+        return {
+            "enclave_manifest": str(self.manifest),
+            "enclave_published_ports": [f"{host}:{port}" for port, host in self.ports.items()],
+            "enclave_services": [{"name": "heartbeat", "state": "stopped"}],
+            **overrides,
+        }
+
+    def get(self, path: str = "/") -> bytes:
+        url = f"http://127.0.0.1:{self.ports[8080]}{path}"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read()
+
+    def container_image(self) -> str:
+        result = _run(["docker", "container", "inspect", "--format", "{{.Image}}", NAME])
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    def container_id(self) -> str:
+        result = _run(["docker", "container", "inspect", "--format", "{{.Id}}", NAME])
+        return result.stdout.strip()
+
+
+def _recap(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    match = re.search(r"^localhost\s*:\s*(.*)$", result.stdout, re.MULTILINE)
+    assert match, _output(result)
+    return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
+
+
+def _output(result: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {result.returncode}\n{result.stdout[-12000:]}\n{result.stderr[-4000:]}"
+
+
+def _answers(deployment: Deployment, timeout: float = 30) -> bytes:
+    """The app's answer; the app may still be coming back after a restore."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return deployment.get()
+        except (OSError, urllib.error.URLError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def deployment(base_image: str) -> Iterator[Deployment]:  # noqa: F811
+    ensure_project_images(base_image=base_image)
+    work = Path(tempfile.mkdtemp(prefix="erole", dir="/tmp"))  # short: Unix socket paths
+    root = work / "emu"
+    allocator = work / "allocator.yaml"
+    allocator.write_text("---\nmemory_mib: 2048\ncpu_count: 2\n")
+    build = _run(
+        [
+            "docker", "build", "-q", "--label", TEST_LABEL, "--build-arg",
+            f"BASE_IMAGE={base_image}", "-t", APP_IMAGE, str(EXAMPLE),
+        ]
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    manifest = yaml.safe_load((EXAMPLE / "enclaver.yaml").read_text())
+    manifest.update(name=NAME, target=RELEASE_IMAGE)
+    manifest["sources"]["app"] = APP_IMAGE
+    manifest_path = work / "enclaver.yaml"
+    manifest_path.write_text(yaml.safe_dump(manifest))
+    playbook = work / "deploy.yml"
+    playbook.write_text(
+        PLAYBOOK.format(nitro_emu=VENV_BIN / "nitro-emu", root=root, allocator=allocator, work=work)
+    )
+    yield Deployment(work, root, playbook, manifest_path, {8080: _free_port(), 9101: _free_port()})
+    _run(["docker", "rm", "-f", NAME])
+    _run(
+        [str(VENV_BIN / "nitro-emu"), "terminate-enclave", "--all"],
+        env=dict(os.environ, NITRO_EMU_ROOT=str(root)),
+    )
+    _run(["docker", "rmi", "-f", OTHER_RELEASE_IMAGE, RELEASE_IMAGE, AMENDED_IMAGE, APP_IMAGE])
+    shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.root
+@pytest.mark.docker
+@pytest.mark.slow
+def test_deploy_verify_idempotence_and_safe_replacement(deployment: Deployment) -> None:
+    # 1. A first deployment: built, running, answering, attested, services applied.
+    first = deployment.play(**deployment.good())
+    assert first.returncode == 0, _output(first)
+    assert deployment.get() == b"hello from the enclave\n"
+    deployed = json.loads((deployment.work / "deployment.json").read_text())
+    assert deployed["verified_pcrs"]["0"] == deployed["measurements"]["PCR0"]
+    client = enclave_init_client(int(deployed["enclave_cid"]), emulator_root=str(deployment.root))
+    heartbeat = {info.name: info for info in read_services(client)}["heartbeat"]
+    assert heartbeat.state.value == "inactive"
+    image, container = deployment.container_image(), deployment.container_id()
+
+    # 2. The same again changes nothing, and check mode predicts no change.
+    again = deployment.play(**deployment.good())
+    assert again.returncode == 0, _output(again)
+    assert _recap(again)["changed"] == 0, _output(again)
+    assert deployment.container_id() == container
+    checked = deployment.play("--check", "--diff", **deployment.good())
+    assert checked.returncode == 0, _output(checked)
+    assert _recap(checked)["changed"] == 0, _output(checked)
+
+    # 3. A replacement that boots and answers but does not attest: rolled back.
+    tagged = _run(
+        ["docker", "build", "-q", "--label", TEST_LABEL, "-t", OTHER_RELEASE_IMAGE, "-"],
+        input=f"FROM {RELEASE_IMAGE}\nLABEL org.enclaveops.test.variant=other\n",
+    )
+    assert tagged.returncode == 0, tagged.stderr
+    bad = deployment.play(
+        **deployment.good(
+            enclave_manifest="",
+            enclave_release_image=OTHER_RELEASE_IMAGE,
+            enclave_name=NAME,
+            enclave_ingress_port=8080,
+            enclave_aux_api_port=9101,
+            enclave_expected_pcrs={"0": WRONG_PCR},
+        )
+    )
+    assert bad.returncode != 0
+    failure = " ".join(bad.stdout.split())
+    assert (
+        "deployment failed at Verify attestation against the PCRs the build measured: "
+        f"attestation failed: pcr 0: expected {WRONG_PCR}"
+    ) in failure, _output(bad)
+    assert f"previous deployment restored (image {image})" in failure, _output(bad)
+    assert deployment.container_image() == image
+    assert _answers(deployment) == b"hello from the enclave\n"
+
+
+def _input_check(tmp_path: Path, variables: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    playbook = tmp_path / "check.yml"
+    playbook.write_text(
+        "- name: Check the inputs\n  hosts: localhost\n  gather_facts: false\n"
+        "  roles:\n    - role: enclaveops.nitro.enclave\n"
+    )
+    extra = tmp_path / "vars.json"
+    extra.write_text(json.dumps(variables))
+    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+    command = [str(VENV_BIN / "ansible-playbook"), str(playbook), "-e", f"@{extra}"]
+    return _run(command, timeout=120, cwd=REPO_ROOT, env=env)
+
+
+@pytest.mark.parametrize(
+    ("variables", "message"),
+    [
+        (
+            {"enclave_manifest": "/srv/a/enclaver.yaml", "enclave_eif": "/srv/a.eif"},
+            "give exactly one of enclave_manifest (an enclaver.yaml to build)",
+        ),
+        (
+            {"enclave_release_image": "registry.example/app-release:1"},
+            "a prebuilt release image carries no build record here: give enclave_expected_pcrs",
+        ),
+        (
+            {"enclave_eif": "/srv/app.eif"},
+            "an EIF runs as a bare enclave: set enclave_deploy_mode: bare",
+        ),
+        (
+            {"enclave_eif": "/srv/app.eif", "enclave_deploy_mode": "bare", "enclave_name": "app"},
+            "a bare enclave needs enclave_cpu_count and enclave_memory_mib",
+        ),
+    ],
+)
+def test_inputs_that_cannot_deploy_fail_first_with_what_to_give(
+    tmp_path: Path, variables: dict[str, Any], message: str
+) -> None:
+    result = _input_check(tmp_path, variables)
+    assert result.returncode != 0
+    assert message in " ".join(result.stdout.split()), _output(result)
