@@ -1,0 +1,307 @@
+"""The enclaveops.nitro.enclave role's bare path: an EIF run directly, proved over the fabric.
+
+A bare enclave has no published ports, so everything the test checks goes over the emulated
+fabric of a private emulator root: the role attests by CID and the aux API's port, the test asks
+the app for its answer and for its own attestation document the same way. One module-scoped
+deployment of the hello example (its own tags, enclave name and emulator root, so it runs beside
+other tests) through ansible-playbook on localhost. Needs root and Docker (CI has both).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from enclave_runtime.host.attestation_client import (
+    AttestationSource,
+    attest,
+    load_root,
+    parse_expected_pcrs,
+)
+from enclave_runtime.host.project_images import ensure_project_images
+from enclave_runtime.host.service_state import enclave_init_client, read_services
+from enclave_runtime.transport.vsock import EmulatedFabric
+from tests.conftest import REPO_ROOT
+from tests.e2e.conftest import base_image  # noqa: F401 (the fixture: the local Debian base image)
+
+VENV_BIN = Path(sys.executable).parent
+EXAMPLE = REPO_ROOT / "examples" / "hello"
+NAME = "rbare-hello"
+APP_IMAGE = "enclaveops-test/rbare-hello:latest"
+RELEASE_IMAGE = "enclaveops-test/rbare-hello-release:latest"
+# A second build of the same app with another manifest (another target): another EIF, other PCRs.
+OTHER_RELEASE_IMAGE = "enclaveops-test/rbare-hello-release:other"
+# Each build also leaves its amended image (the build's intermediate) beside its target.
+BUILT_IMAGES = [
+    RELEASE_IMAGE,
+    OTHER_RELEASE_IMAGE,
+    "enclaveops-test/rbare-hello-release-amended:latest",
+    "enclaveops-test/rbare-hello-release-amended:other",
+]
+TEST_LABEL = "org.enclaveops.test=enclave-role-bare"
+APP_PORT = 8080
+AUX_API_PORT = 9101
+HELLO = b"hello from the enclave\n"
+PLAYBOOK = """\
+- name: Deploy a bare enclave with the enclave role
+  hosts: localhost
+  gather_facts: false
+  module_defaults:
+    group/enclaveops.nitro.nitro:
+      nitro_cli_path: {nitro_emu}
+      emulator_root: {root}
+  environment:
+    NITRO_EMU_ROOT: {root}
+    NITRO_EMU_ALLOCATOR: {allocator}
+  roles:
+    - role: enclaveops.nitro.enclave
+  post_tasks:
+    - name: Record the deployment for the test
+      ansible.builtin.copy:
+        content: "{{{{ enclave_deployment | to_json }}}}"
+        dest: {work}/deployment.json
+        mode: "0600"
+      when: not ansible_check_mode
+"""
+
+
+def _run(
+    command: list[str], timeout: float = 900, **options: Any
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, check=False, **options
+    )
+
+
+def _output(result: subprocess.CompletedProcess[str]) -> str:
+    return f"exit {result.returncode}\n{result.stdout[-12000:]}\n{result.stderr[-4000:]}"
+
+
+def _recap(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
+    match = re.search(r"^localhost\s*:\s*(.*)$", result.stdout, re.MULTILINE)
+    assert match, _output(result)
+    return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
+
+
+class _FabricHTTPConnection(http.client.HTTPConnection):
+    """HTTP to an enclave's ingress port over the emulator's fabric (no TCP reaches it)."""
+
+    def __init__(self, fabric: EmulatedFabric, cid: int, port: int) -> None:
+        super().__init__(f"enclave-{cid}", port, timeout=10)
+        self._fabric, self._cid = fabric, cid
+
+    def connect(self) -> None:
+        self.sock = self._fabric.connect(self._cid, self.port, timeout=self.timeout)
+
+
+@dataclass
+class Deployment:
+    work: Path
+    root: Path
+    playbook: Path
+    eif: Path
+    other_eif: Path
+    measurements: dict[str, str]
+
+    @property
+    def last_good_eif(self) -> Path:
+        return self.work / "state" / f"{NAME}.eif"
+
+    def play(self, *options: str, **variables: Any) -> subprocess.CompletedProcess[str]:
+        extra = self.work / "vars.json"
+        extra.write_text(json.dumps(variables))
+        env = dict(os.environ, ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
+        command = [str(VENV_BIN / "ansible-playbook"), str(self.playbook), "-e", f"@{extra}"]
+        command += options
+        return _run(command, cwd=REPO_ROOT, env=env)
+
+    def good(self, **overrides: Any) -> dict[str, Any]:
+        return {
+            "enclave_deploy_mode": "bare",
+            "enclave_eif": str(self.eif),
+            "enclave_name": NAME,
+            "enclave_cpu_count": 2,
+            "enclave_memory_mib": 1024,
+            "enclave_aux_api_port": AUX_API_PORT,
+            "enclave_state_dir": str(self.work / "state"),
+            "enclave_services": [{"name": "heartbeat", "state": "stopped", "enabled": False}],
+            **overrides,
+        }
+
+    def enclaves(self) -> list[dict[str, Any]]:
+        described = _run(
+            [str(VENV_BIN / "nitro-emu"), "describe-enclaves"],
+            env=dict(os.environ, NITRO_EMU_ROOT=str(self.root)),
+        )
+        assert described.returncode == 0, described.stderr
+        return [e for e in json.loads(described.stdout) if e["EnclaveName"] == NAME]
+
+    def running(self) -> dict[str, Any]:
+        enclaves = self.enclaves()
+        assert len(enclaves) == 1, enclaves
+        return enclaves[0]
+
+    def get(self, cid: int, path: str = "/") -> bytes:
+        connection = _FabricHTTPConnection(EmulatedFabric(self.root), cid, APP_PORT)
+        try:
+            connection.request("GET", path)
+            return connection.getresponse().read()
+        finally:
+            connection.close()
+
+    def answers(self, cid: int, timeout: float = 60) -> bytes:
+        """The app's answer; after a restore the app may still be starting."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.get(cid)
+            except (OSError, http.client.HTTPException):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def attested_pcrs(self, cid: int) -> dict[int, bytes]:
+        """PCRs of a fresh document from the aux API, verified against the emulator's root."""
+        result = attest(
+            AttestationSource(enclave_cid=cid, port=AUX_API_PORT),
+            expected_pcrs=parse_expected_pcrs(self.measurements),
+            root=load_root(self.root / "ca" / "root.pem"),
+            fabric=EmulatedFabric(self.root),
+        )
+        return dict(result.verified.document.pcrs)
+
+
+def _build(manifest: Path, eif: Path) -> dict[str, Any]:
+    built = _run(
+        [
+            str(VENV_BIN / "enclaveops"), "build", "-f", str(manifest), "--builder", "native",
+            "--eif-output", str(eif), "--json",
+        ]
+    )  # fmt: skip
+    assert built.returncode == 0, _output(built)
+    return json.loads(built.stdout)
+
+
+def _write_manifest(work: Path, file_name: str, target: str) -> Path:
+    manifest = yaml.safe_load((EXAMPLE / "enclaver.yaml").read_text())
+    manifest.update(name=NAME, target=target)
+    manifest["sources"]["app"] = APP_IMAGE
+    path = work / file_name
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
+@pytest.fixture(scope="module")
+def deployment(base_image: str) -> Iterator[Deployment]:  # noqa: F811
+    ensure_project_images(base_image=base_image)
+    work = Path(tempfile.mkdtemp(prefix="ebare", dir="/tmp"))  # short: Unix socket paths
+    root = work / "emu"
+    allocator = work / "allocator.yaml"
+    allocator.write_text("---\nmemory_mib: 2048\ncpu_count: 2\n")
+    try:
+        app = _run(
+            [
+                "docker", "build", "-q", "--label", TEST_LABEL, "--build-arg",
+                f"BASE_IMAGE={base_image}", "-t", APP_IMAGE, str(EXAMPLE),
+            ]
+        )  # fmt: skip
+        assert app.returncode == 0, app.stderr
+        first = _build(_write_manifest(work, "enclaver.yaml", RELEASE_IMAGE), work / "hello.eif")
+        _build(_write_manifest(work, "other.yaml", OTHER_RELEASE_IMAGE), work / "other.eif")
+        playbook = work / "deploy.yml"
+        playbook.write_text(
+            PLAYBOOK.format(
+                nitro_emu=VENV_BIN / "nitro-emu", root=root, allocator=allocator, work=work
+            )
+        )
+        yield Deployment(
+            work, root, playbook, work / "hello.eif", work / "other.eif", first["Measurements"]
+        )
+    finally:
+        _run(
+            [str(VENV_BIN / "nitro-emu"), "terminate-enclave", "--all"],
+            env=dict(os.environ, NITRO_EMU_ROOT=str(root)),
+        )
+        _run(["docker", "rmi", "-f", *BUILT_IMAGES, APP_IMAGE])
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.root
+@pytest.mark.docker
+@pytest.mark.slow
+def test_bare_deploy_verify_idempotence_and_safe_replacement(deployment: Deployment) -> None:
+    pcr0 = deployment.measurements["PCR0"]
+
+    # 1. A first deployment: running, answering, attested with the EIF's PCRs, services applied.
+    first = deployment.play(**deployment.good())
+    assert first.returncode == 0, _output(first)
+    deployed = json.loads((deployment.work / "deployment.json").read_text())
+    cid = int(deployed["enclave_cid"])
+    assert deployed["mode"] == "bare"
+    assert cid == deployment.running()["EnclaveCID"]
+    assert deployed["verified_pcrs"]["0"] == pcr0
+    assert deployment.answers(cid) == HELLO
+    assert deployment.attested_pcrs(cid)[0].hex() == pcr0
+    heartbeat = {
+        info.name: info
+        for info in read_services(enclave_init_client(cid, emulator_root=str(deployment.root)))
+    }["heartbeat"]
+    assert heartbeat.state.value == "inactive"
+    assert deployment.last_good_eif.read_bytes() == deployment.eif.read_bytes()
+    enclave_id = deployment.running()["EnclaveID"]
+
+    # 2. The same again changes nothing (the enclave is left alone), nor does check mode predict.
+    again = deployment.play(**deployment.good())
+    assert again.returncode == 0, _output(again)
+    assert _recap(again)["changed"] == 0, _output(again)
+    checked = deployment.play("--check", "--diff", **deployment.good())
+    assert checked.returncode == 0, _output(checked)
+    assert _recap(checked)["changed"] == 0, _output(checked)
+    assert deployment.running()["EnclaveID"] == enclave_id
+
+    # 3. Another EIF, expected to carry the first one's PCRs: it boots but cannot attest, so the
+    # role runs the last good EIF again and fails with the reason.
+    bad = deployment.play(
+        **deployment.good(
+            enclave_eif=str(deployment.other_eif), enclave_expected_pcrs=deployment.measurements
+        )
+    )
+    assert bad.returncode != 0
+    failure = " ".join(bad.stdout.split())
+    assert (
+        "deployment failed at Verify attestation against the PCRs the build measured: "
+        f"attestation failed: pcr 0: expected {pcr0}"
+    ) in failure, _output(bad)
+    assert f"previous deployment restored ({deployment.last_good_eif})" in failure, _output(bad)
+    restored = deployment.running()
+    assert restored["EnclaveID"] != enclave_id
+    assert restored["Measurements"]["PCR0"] == pcr0
+    cid = int(restored["EnclaveCID"])
+    assert deployment.answers(cid) == HELLO
+    assert deployment.attested_pcrs(cid)[0].hex() == pcr0
+    assert deployment.last_good_eif.read_bytes() == deployment.eif.read_bytes()
+
+    # 4. A new enclave that cannot start (the pool's CPUs are taken), with nothing to go back to:
+    # the play says so, and the enclave that runs under the other name is left alone.
+    unstartable = deployment.play(**deployment.good(enclave_name=f"{NAME}-new"))
+    assert unstartable.returncode != 0
+    failure = " ".join(unstartable.stdout.split())
+    assert f"enclave {NAME}-new: deployment failed at Run the EIF as a bare enclave:" in failure
+    assert (
+        "there was no previous deployment to restore, so the failed one was terminated" in failure
+    ), _output(unstartable)
+    assert deployment.running()["EnclaveID"] == restored["EnclaveID"]
