@@ -43,7 +43,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the manifest (default: ./enclaver.yaml)",
     )
     parser.add_argument(
-        "--pull", action="store_true", help="pull source images that are not present locally"
+        "--pull",
+        action="store_true",
+        help="pull the source images first, present or not (never the project's enclaveops/ ones)",
     )
     parser.add_argument(
         "--builder",

@@ -1,8 +1,9 @@
 """``enclaveops build``: app image → amended image → EIF → release image, reproducibly.
 
 1. **Sources**: ``sources.app``, ``sources.odyn`` (the runtime image) and ``sources.sleeve`` (the
-   sleeve base) are local images, pulled only when missing and pulling is asked for. The image
-   IDs, not the tags, are what the build records and depends on.
+   sleeve base) are local images; with ``pull`` each is pulled first, present or not, except the
+   project's own ``enclaveops/…`` images (no registry serves them). The image IDs, not the tags,
+   are what the build records and depends on.
 2. **Amend**: one layer on the app image (:mod:`.image_layers`, no ``docker build``): the runtime
    at ``/opt/enclave-runtime`` and the manifest at ``/etc/enclaver/enclaver.yaml``; ENTRYPOINT
    ``odyn --config-dir /etc/enclaver [--workdir W] [--user U] -- <app ENTRYPOINT + CMD>``, no
@@ -12,10 +13,14 @@
    ``/enclave/enclaver.yaml``, its ENTRYPOINT kept, labels recording sources, measurements and
    the digest of every input. A target whose label shows the same inputs digest is left as it
    is (the build is skipped), which is what makes the Ansible ``image`` module idempotent.
+5. **Housekeeping**: the untagged images earlier builds of the same target left behind (label
+   ``org.enclaveops.build.target``) are removed, except the release image the target named
+   before this build (a failed replacement restores it) and any image a container uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -24,7 +29,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable
 
@@ -39,6 +44,7 @@ from enclave_runtime.host.docker_rootfs import (
     ImageConfig,
     ImageConfigError,
     ImageNotFoundError,
+    ImagePullError,
     SpoolError,
     docker_client,
     docker_module,
@@ -55,6 +61,7 @@ from enclave_runtime.host.image_layers import (
     canonical_json,
     container_config,
     disk_error,
+    require_classic_image_store,
 )
 from enclave_runtime.host.nitro_cli import NitroCli
 from enclave_runtime.host.project_images import (
@@ -80,6 +87,12 @@ LABEL_INPUTS = "org.enclaveops.build.inputs"
 LABEL_MEASUREMENTS = "org.enclaveops.build.measurements"
 LABEL_EIF = "org.enclaveops.build.eif"
 LABEL_AMEND_INPUTS = "org.enclaveops.amend.inputs"
+# On release and amended images: the target they were built for, so that a rebuild finds the
+# untagged images earlier builds of that target left behind.
+LABEL_TARGET = "org.enclaveops.build.target"
+# The project's own images: built locally by scripts/build-images.sh and served by no registry,
+# so ``pull`` never asks Docker Hub for them (an image there under that name is a stranger's).
+PROJECT_IMAGE_PREFIX = "enclaveops/"
 _HASH_CHUNK = 1 << 20
 
 Progress = Callable[[str], None]
@@ -99,7 +112,8 @@ class EifTooLargeError(EnclaveOpsError):
 
 @dataclasses.dataclass(frozen=True)
 class BuildOptions:
-    """What ``enclaveops build`` takes besides the manifest."""
+    """What ``enclaveops build`` takes besides the manifest. The paths may be given as strings
+    (the Ansible modules do); they are Paths once the options exist."""
 
     pull: bool = False
     builder: str = "auto"
@@ -108,6 +122,12 @@ class BuildOptions:
     force: bool = False
     eif_output: Path | None = None
     work_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("blobs", "eif_output", "work_dir"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +206,12 @@ class SectionDigest:
 
 @dataclasses.dataclass(frozen=True)
 class BuildPlan:
-    """What a build would use, known before anything is written (check mode stops here)."""
+    """What a build would use, known before anything is written (check mode stops here).
+
+    In check mode nothing is pulled: ``would_pull`` lists what a real run pulls first, the
+    sources are the local images as they are now (a missing one is left out), and
+    ``inputs_digest`` is None when a source is missing.
+    """
 
     manifest: Manifest
     manifest_bytes: bytes
@@ -194,22 +219,40 @@ class BuildPlan:
     sources: tuple[SourceImage, ...]
     builder: str
     signing: tuple[Path, Path] | None
-    inputs_digest: str
+    inputs_digest: str | None
+    would_pull: tuple[str, ...] = ()
 
 
 def plan_build(
-    manifest_path: str | os.PathLike[str], options: BuildOptions, client: DockerClient
+    manifest_path: str | os.PathLike[str],
+    options: BuildOptions,
+    client: DockerClient,
+    *,
+    check_mode: bool = False,
 ) -> BuildPlan:
-    """Read the manifest, resolve the sources and digest every input."""
+    """Check the engine, read the manifest, resolve the sources and digest every input."""
+    require_classic_image_store(client)
     manifest = load_manifest(manifest_path)
     manifest_bytes = Path(manifest_path).read_bytes()
     builder = choose_builder(options.builder, options.nitro_cli)
-    images = resolve_sources(client, manifest, pull=options.pull, builder=builder)
+    references = source_references(manifest, builder)
+    images = resolve_sources(
+        client, manifest, pull=options.pull, builder=builder, check_mode=check_mode
+    )
     sources = tuple(_source(name, reference, image) for name, (reference, image) in images.items())
-    check_architectures(sources)
     signing = signing_files(manifest)
-    inputs = build_inputs(sources, manifest_bytes, builder, options, signing)
-    return BuildPlan(manifest, manifest_bytes, images, sources, builder, signing, _digest(inputs))
+    digest = None
+    if len(images) == len(references):
+        check_architectures(sources)
+        digest = _digest(build_inputs(sources, manifest_bytes, builder, options, signing))
+    would_pull = tuple(
+        reference
+        for reference in references.values()
+        if check_mode and options.pull and pulled_on_request(reference)
+    )
+    return BuildPlan(
+        manifest, manifest_bytes, images, sources, builder, signing, digest, would_pull
+    )
 
 
 def build(
@@ -237,8 +280,15 @@ def existing_release(
 ) -> tuple[BuildResult | None, str]:
     """The release image already built from the plan's inputs, or None and why to build."""
     target = plan.manifest.target
+    if plan.would_pull:
+        return None, (
+            f"would pull {', '.join(plan.would_pull)} first (pull), then build {target} when a "
+            "pulled image is new or another input changed"
+        )
     if force:
         return None, "forced (--force)"
+    if plan.inputs_digest is None:
+        return None, "a source image is missing"
     found = up_to_date_release(client, target, plan.inputs_digest)
     if found is None:
         return None, rebuild_reason(client, target)
@@ -249,11 +299,20 @@ def _build_release(
     client: DockerClient, plan: BuildPlan, options: BuildOptions, reason: str, say: Progress
 ) -> BuildResult:
     target = plan.manifest.target
+    assert plan.inputs_digest is not None  # only check mode plans without a source
+    previous = _local_image(client, target)
     work_parent = options.work_dir or Path(tempfile.gettempdir())
     with tempfile.TemporaryDirectory(prefix="enclaveops-build-", dir=work_parent) as work_text:
         work = Path(work_text)
         say(f"amending {plan.images['app'][0]} with the runtime {plan.images['odyn'][0]}")
-        amended = amend(client, plan.images, plan.manifest_bytes, amended_reference(target), work)
+        amended = amend(
+            client,
+            plan.images,
+            plan.manifest_bytes,
+            amended_reference(target),
+            work,
+            target=target,
+        )
         say(f"building the EIF of {amended.reference} with the {plan.builder} builder")
         eif = work / "application.eif"
         measurements = build_enclave_image(
@@ -271,6 +330,7 @@ def _build_release(
             LABEL_INPUTS: plan.inputs_digest,
             LABEL_MEASUREMENTS: json.dumps(measurements.to_nitro_cli(), sort_keys=True),
             LABEL_EIF: json.dumps({"SHA256": eif_sha256, "Size": eif_size}, sort_keys=True),
+            LABEL_TARGET: target,
         }
         say(f"writing the release image {target}")
         release = release_image(
@@ -284,6 +344,12 @@ def _build_release(
         )
         if options.eif_output is not None:
             _copy_out(eif, options.eif_output)
+    kept = {release.image_id, amended.image_id}
+    if previous is not None:
+        kept.add(str(previous.id))
+    removed = prune_superseded(client, target, kept)
+    if removed:
+        say(f"removed {len(removed)} untagged image(s) earlier builds of {target} left")
     return BuildResult(
         target=target,
         image_id=release.image_id,
@@ -314,30 +380,50 @@ def source_references(manifest: Manifest, builder: str = "native") -> dict[str, 
     }
 
 
+def pulled_on_request(reference: str) -> bool:
+    """Whether ``pull`` pulls this source: every one but the project's own images."""
+    return not reference.startswith(PROJECT_IMAGE_PREFIX)
+
+
 def resolve_sources(
-    client: DockerClient, manifest: Manifest, *, pull: bool = False, builder: str = "native"
+    client: DockerClient,
+    manifest: Manifest,
+    *,
+    pull: bool = False,
+    builder: str = "native",
+    check_mode: bool = False,
 ) -> dict[str, tuple[str, Image]]:
-    """Each source's reference and local image (pulled when missing only with ``pull``)."""
+    """Each source's reference and local image. With ``pull`` the sources
+    :func:`pulled_on_request` allows are pulled first, present or not (a tag that moved in its
+    registry is refreshed). In check mode nothing is pulled: a missing source that a real run
+    would pull is left out of the answer."""
     resolved = {}
     for name, reference in source_references(manifest, builder).items():
+        pulling = pull and pulled_on_request(reference)
         try:
-            resolved[name] = (reference, get_image(client, reference, pull=pull))
+            image = get_image(client, reference, pull=pulling and not check_mode)
         except ImageNotFoundError:
+            if pulling:
+                continue
             raise SourceImageError(_missing_source_message(name, reference, manifest)) from None
+        except ImagePullError as err:
+            raise SourceImageError(f"sources.{name} in {manifest.source}: {err}") from None
+        resolved[name] = (reference, image)
     return resolved
 
 
 def _missing_source_message(name: str, reference: str, manifest: Manifest) -> str:
-    if reference.startswith("enclaveops/"):
-        how = "build the project's images with scripts/build-images.sh"
-    elif name == "app":
+    missing = f"sources.{name} in {manifest.source}: the image {reference!r} is not present locally"
+    if not pulled_on_request(reference):
+        return (
+            f"{missing}; build the project's images with scripts/build-images.sh (they are "
+            "never pulled: no registry serves them)"
+        )
+    if name == "app":
         how = f"build it (docker build -t {reference} <app directory>)"
     else:
         how = f"build or load it (docker build -t {reference} ..., or docker load)"
-    return (
-        f"sources.{name} in {manifest.source}: the image {reference!r} is not present locally; "
-        f"{how}, or pass --pull to pull it from its registry"
-    )
+    return f"{missing}; {how}, or pass --pull to pull it from its registry"
 
 
 def _source(name: str, reference: str, image: Image) -> SourceImage:
@@ -547,8 +633,11 @@ def amend(
     manifest_bytes: bytes,
     reference: str,
     work: Path,
+    *,
+    target: str,
 ) -> AppendedImage:
-    """The amended image: reused when ``reference`` was made from the same inputs."""
+    """The amended image of the release ``target``: reused when ``reference`` was made from the
+    same inputs."""
     app, runtime = images["app"][1], images["odyn"][1]
     inputs = {
         "app": app.id,
@@ -565,6 +654,7 @@ def amend(
         LABEL_AMEND_INPUTS: digest,
         "org.enclaveops.amend.app": str(app.id),
         "org.enclaveops.amend.odyn": str(runtime.id),
+        LABEL_TARGET: target,
     }
     config = amended_config(app.attrs, labels)
     with LayerBuilder(_layer_mtime(), spool_dir=work) as layer:
@@ -797,15 +887,17 @@ def build_eif_file(
     existing, reason = up_to_date_eif(eif, digest, force=options.force)
     if existing is not None:
         return existing
-    measurements = build_enclave_image(
-        client, builder, reference=reference, eif=eif, options=options, signing=signing
-    )
+    with replaced_on_success(eif) as partial:
+        measurements = build_enclave_image(
+            client, builder, reference=reference, eif=partial, options=options, signing=signing
+        )
+        sha256, size = file_sha256(partial), partial.stat().st_size
     built = EifBuild(
         path=eif,
         image_id=str(image.id),
         measurements=measurements,
-        sha256=file_sha256(eif),
-        size=eif.stat().st_size,
+        sha256=sha256,
+        size=size,
         builder=builder,
         inputs_digest=digest,
         skipped=False,
@@ -813,6 +905,29 @@ def build_eif_file(
     )
     _write_record(eif_record_path(eif), built.record())
     return built
+
+
+@contextlib.contextmanager
+def replaced_on_success(destination: Path) -> Iterator[Path]:
+    """A path beside ``destination`` to write to, renamed over it when the block succeeds and
+    removed when it fails: a failed or interrupted build never leaves a truncated EIF where a
+    working one was. Beside it, so the rename stays on one file system (atomic). An OSError
+    while writing or renaming becomes the error naming the directory (and the space needed)."""
+    partial = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        os.replace(partial, destination)
+    except OSError as err:
+        raise disk_error(err, destination.parent, _size_or_zero(partial)) from None
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _size_or_zero(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _write_record(path: Path, record: Mapping[str, Any]) -> None:
@@ -868,7 +983,8 @@ def extract_file(client: DockerClient, image_id: str, path: str, output: Path) -
             for chunk in chunks:
                 archive.write(chunk)
             archive.seek(0)
-            _write_single_member(archive, output)
+            with replaced_on_success(output) as partial:
+                _write_single_member(archive, partial)
     except (docker.errors.DockerException, OSError) as err:
         raise DockerError(f"cannot copy {path} out of {image_id}: {err}") from None
     finally:
@@ -886,7 +1002,36 @@ def _write_single_member(archive: IO[bytes], output: Path) -> None:
 
 
 def _copy_out(eif: Path, destination: Path) -> None:
+    with replaced_on_success(destination) as partial:
+        shutil.copyfile(eif, partial)
+
+
+# --------------------------------------------------------------------------------------------
+# Housekeeping
+
+
+def prune_superseded(client: DockerClient, target: str, keep: Collection[str]) -> list[str]:
+    """Remove the untagged images that earlier builds of ``target`` left (release and amended
+    images carry :data:`LABEL_TARGET`), except those in ``keep`` and those any container, running
+    or stopped, uses; returns the IDs removed. Nothing is forced, so the engine also refuses an
+    image that became used meanwhile or has child images; such an image is left, as is
+    everything when the engine does not answer: a finished build never fails here."""
+    docker = docker_module()
     try:
-        shutil.copyfile(eif, destination)
-    except OSError as err:
-        raise disk_error(err, destination.parent, eif.stat().st_size) from None
+        candidates = client.images.list(
+            filters={"dangling": True, "label": f"{LABEL_TARGET}={target}"}
+        )
+        used = {str(container.get("ImageID")) for container in client.api.containers(all=True)}
+    except (docker.errors.DockerException, OSError):
+        return []
+    removed = []
+    for image in candidates:
+        image_id = str(image.id)
+        if image_id in keep or image_id in used:
+            continue
+        try:
+            client.images.remove(image_id)
+        except (docker.errors.DockerException, OSError):
+            continue
+        removed.append(image_id)
+    return removed

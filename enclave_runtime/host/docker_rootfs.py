@@ -151,19 +151,20 @@ def docker_client() -> DockerClient:
 
 
 def get_image(client: DockerClient, reference: str, *, pull: bool = False) -> Image:
-    """The local image ``reference`` names; with ``pull``, pulled first when it is missing."""
+    """The local image ``reference`` names; with ``pull``, pulled first even when present, so a
+    tag that moved in its registry is refreshed (``docker build --pull``)."""
+    if pull:
+        return pull_image(client, reference)
     docker = docker_module()
     try:
         return client.images.get(reference)
     except docker.errors.ImageNotFound:
-        if not pull:
-            raise ImageNotFoundError(
-                f"the Docker image {reference!r} is not present locally; build or load it, "
-                f"or pull it first (docker pull {reference}, or ask for pulling)"
-            ) from None
+        raise ImageNotFoundError(
+            f"the Docker image {reference!r} is not present locally; build or load it, "
+            f"or pull it first (docker pull {reference}, or ask for pulling)"
+        ) from None
     except (docker.errors.DockerException, OSError) as err:
         raise DockerError(f"cannot look up the Docker image {reference!r}: {err}") from None
-    return pull_image(client, reference)
 
 
 def pull_image(client: DockerClient, reference: str) -> Image:

@@ -288,7 +288,7 @@ def build_eif_from_image(
     custom_metadata: Any = None,
     spool_dir: str | os.PathLike[str] | None = None,
 ) -> Measurements:
-    """Build the EIF of a local Docker image (pulled when missing only with ``pull``).
+    """Build the EIF of a local Docker image (``pull`` pulls it first, even when present).
 
     The exported file system is staged once in a spool file under ``spool_dir`` (default
     ``$TMPDIR``): it needs about the image's size in free space.

@@ -11,6 +11,14 @@ the config and ``manifest.json``; ``manifest.json`` lists the parent layers too,
 does not read a layer it already has (moby ``image/tarexport/load.go`` looks each chain ID up
 before it opens the file), so they are left out.
 
+Both halves hold only in the classic image store. The containerd image store (the default of
+fresh Docker Engine 29 installs) imports the tarball with containerd's archive importer, which
+needs every layer ``manifest.json`` names in the tarball (``layer "…" not found`` otherwise), and
+names the image by a manifest it writes around the config, whose digest depends on how the
+parent layers happen to be compressed in that engine's content store: the same inputs would no
+longer give the same image ID on every host. :func:`require_classic_image_store` refuses such an
+engine before anything is written, with the switch that fixes it.
+
 The layer tar: GNU format (no PAX headers; ``././@LongLink`` for names over 100 bytes), entries
 in bytewise order with their parent directories, owner 0:0 and empty user and group names.
 Directories and added files get one fixed mtime; files copied from another image's file system
@@ -48,6 +56,11 @@ _ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
 # The keys of an image's ``config`` that the image spec (and Docker's extensions) define. Docker
 # also shows container-only keys (Hostname, AttachStdin...) in ``docker inspect``; they are not
 # carried over, so the config does not depend on the engine version that shows it.
+# ``docker info``'s DriverStatus entry of the containerd image store
+# (docs.docker.com/engine/storage/containerd); its default snapshotter shows as Driver "overlayfs"
+# (the classic store's drivers are "overlay2", "fuse-overlayfs", "btrfs", "zfs", "vfs"...).
+CONTAINERD_DRIVER_TYPE = ("driver-type", "io.containerd.snapshotter.v1")
+CONTAINERD_SNAPSHOTTER_DRIVER = "overlayfs"
 CONFIG_KEYS = (
     "User",
     "ExposedPorts",
@@ -76,6 +89,10 @@ class NoSpaceError(EnclaveOpsError):
 
 class ImageLoadError(DockerError):
     """The engine refused the appended image."""
+
+
+class ImageStoreError(DockerError):
+    """The engine keeps its images in the containerd image store, where appending fails."""
 
 
 @dataclasses.dataclass
@@ -449,6 +466,40 @@ def appended_config(
 
 
 # --------------------------------------------------------------------------------------------
+# The engine's image store
+
+
+def uses_containerd_store(info: Mapping[str, Any]) -> bool:
+    """Whether ``docker info`` (``client.info()``) shows the containerd image store."""
+    status = info.get("DriverStatus") or []
+    if any(tuple(entry[:2]) == CONTAINERD_DRIVER_TYPE for entry in status if entry):
+        return True
+    return info.get("Driver") == CONTAINERD_SNAPSHOTTER_DRIVER
+
+
+def require_classic_image_store(client: DockerClient) -> None:
+    """Refuse an engine with the containerd image store, naming the switch back (see above)."""
+    docker = docker_module()
+    try:
+        info = client.info()
+    except (docker.errors.DockerException, OSError) as err:
+        raise DockerError(
+            f"cannot read the Docker engine's information (docker info): {err}"
+        ) from None
+    if uses_containerd_store(info):
+        raise ImageStoreError(
+            f"the Docker engine (version {info.get('ServerVersion') or 'unknown'}) keeps its "
+            "images in the containerd image store (docker info: driver-type "
+            f"{CONTAINERD_DRIVER_TYPE[1]}), the default of fresh Docker Engine 29 installs; "
+            "enclaveops writes its images as one docker-loaded layer each, which only the "
+            'classic image store accepts. Set "features": {"containerd-snapshotter": false} in '
+            "/etc/docker/daemon.json and restart Docker (systemctl restart docker); images "
+            "already in the containerd store stay on disk, hidden until you switch back. Docker "
+            "Engine 20.10 to 28.x use the classic store unless the containerd store was turned on"
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # Loading
 
 
@@ -462,6 +513,7 @@ def append_layer(
     created_by: str,
 ) -> AppendedImage:
     """Load ``parent`` + ``layer`` with ``config`` into the engine, tagged ``reference``."""
+    require_classic_image_store(client)
     with _create_temporary(layer.spool_dir) as layer_tar:
         try:
             digest = layer.write(layer_tar)
@@ -576,6 +628,7 @@ def _check_loaded(client: DockerClient, reference: str, expected: str) -> None:
 __all__ = [
     "AppendedImage",
     "ImageLoadError",
+    "ImageStoreError",
     "LayerBuilder",
     "LayerDigest",
     "LayerError",
@@ -589,4 +642,6 @@ __all__ = [
     "image_id",
     "no_space",
     "parent_history",
+    "require_classic_image_store",
+    "uses_containerd_store",
 ]

@@ -1,6 +1,7 @@
 """``enclaveops build`` of examples/hello with the project's runtime and sleeve images:
-reproducible from scratch, skipped when nothing changed, and a one-byte change of the app moves
-PCR0 and PCR2 but not PCR1. Needs root and Docker; CI has both.
+reproducible from scratch, skipped when nothing changed, a one-byte change of the app moves PCR0
+and PCR2 but not PCR1, and rebuilds remove the images earlier builds left, except the previous
+release and images a container uses. Needs root and Docker; CI has both.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Example:
     images: ProjectImages
     base_image: str
     tags: list[str]
+    targets: list[str]
 
     def app_image(self, name: str, edit: str | None = None) -> str:
         """examples/hello built as ``REPOSITORY:name``; ``edit`` replaces app.py's last byte."""
@@ -60,6 +62,7 @@ class Example:
         }
         document["target"] = f"{REPOSITORY}:{name}-release"
         self.tags += [document["target"], f"{REPOSITORY}-amended:{name}-release"]
+        self.targets.append(document["target"])
         path = self.work / f"{name}.yaml"
         path.write_text(yaml.safe_dump(document))
         return path
@@ -84,6 +87,19 @@ def enclaveops_build(*args: str, check: bool = True) -> subprocess.CompletedProc
     return result
 
 
+def built_for(target: str) -> list[str]:
+    """The IDs of the images builds of ``target`` made that are still present."""
+    label = f"label=org.enclaveops.build.target={target}"
+    return docker("images", "-q", "--no-trunc", "--filter", label).split()
+
+
+def image_exists(reference: str) -> bool:
+    inspected = subprocess.run(
+        ["docker", "image", "inspect", reference], capture_output=True, check=False
+    )
+    return inspected.returncode == 0
+
+
 def build_json(manifest: Path, eif: Path) -> dict[str, Any]:
     output = enclaveops_build("-f", str(manifest), "--builder", "native", "--eif-output", str(eif))
     return json.loads(output.stdout)
@@ -93,9 +109,13 @@ def build_json(manifest: Path, eif: Path) -> dict[str, Any]:
 def example(base_image: str) -> Iterator[Example]:
     images = ensure_project_images(base_image=base_image)
     work = Path(tempfile.mkdtemp(prefix="build-e2e-", dir="/var/tmp"))
-    example = Example(work, images, base_image, [])
+    example = Example(work, images, base_image, [], [])
     yield example
     subprocess.run(["docker", "rmi", "-f", *example.tags], capture_output=True, check=False)
+    for target in example.targets:  # the untagged images the builds kept
+        subprocess.run(
+            ["docker", "rmi", "-f", *built_for(target)], capture_output=True, check=False
+        )
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -193,3 +213,33 @@ def test_a_missing_app_image_without_pull_names_the_field_and_the_fixes(
         f"present locally; build it (docker build -t {REPOSITORY}:no-such-app <app directory>), "
         "or pass --pull to pull it from its registry\n"
     )
+
+
+def test_rebuilds_keep_the_previous_release_and_images_in_use_and_remove_the_rest(
+    example: Example,
+) -> None:
+    manifest = example.manifest("rebuilt", example.app_image("rebuilt"))
+    target, text = example.targets[-1], manifest.read_text()
+
+    def rebuild(number: int) -> dict[str, Any]:
+        manifest.write_text(f"{text}# build {number}\n")  # new manifest bytes: a new release
+        return build_json(manifest, example.work / "rebuilt.eif")
+
+    first, second = rebuild(1), rebuild(2)
+    container = docker("create", "--label", TEST_LABEL, first["ImageID"]).strip()
+    try:
+        third = rebuild(3)
+        after_third = built_for(target)
+    finally:
+        docker("rm", "-f", container)
+    fourth = rebuild(4)
+
+    # the first release stays while a (stopped) container uses it, the second as the previous
+    # release; the earlier amended images go
+    amended = third["AmendedImage"].split("@")[1]
+    assert sorted(after_third) == sorted(
+        [first["ImageID"], second["ImageID"], third["ImageID"], amended]
+    )
+    amended = fourth["AmendedImage"].split("@")[1]
+    assert sorted(built_for(target)) == sorted([third["ImageID"], fourth["ImageID"], amended])
+    assert not image_exists(first["ImageID"]) and not image_exists(second["ImageID"])

@@ -1,6 +1,7 @@
 """The build pipeline's decisions without a Docker engine: the amended ENTRYPOINT and config,
-source resolution and its errors, the builder choice, the inputs digest and skipping, the E26
-memory check and ``--explain``."""
+source resolution and pulling, the engine's image store, the builder choice, the inputs digest
+and skipping, the E26 memory check, ``--explain``, replacing output files whole and removing the
+images earlier builds left."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from enclave_runtime.host.build_pipeline import (
     LABEL_EIF,
     LABEL_INPUTS,
     LABEL_MEASUREMENTS,
+    LABEL_TARGET,
     BuilderChoiceError,
     BuildOptions,
     EifTooLargeError,
@@ -27,18 +29,24 @@ from enclave_runtime.host.build_pipeline import (
     SourceImageError,
     amended_config,
     amended_reference,
+    blobs_digests,
     build_inputs,
     check_architectures,
     check_memory,
     choose_builder,
+    existing_release,
     explain,
     odyn_entrypoint,
+    plan_build,
+    prune_superseded,
+    replaced_on_success,
     resolve_sources,
     signing_files,
     source_references,
     up_to_date_release,
 )
 from enclave_runtime.host.docker_rootfs import ImageConfigError, image_config
+from enclave_runtime.host.image_layers import ImageStoreError, NoSpaceError, uses_containerd_store
 
 MANIFEST = """\
 version: v1
@@ -159,15 +167,58 @@ class FakeImage:
         self.id = attrs["Id"]
 
 
+# `docker info` of Docker 20.10 with the classic store (this machine), and the part that differs
+# on Docker Engine 29 with the containerd image store (docs.docker.com/engine/storage/containerd).
+CLASSIC_INFO = {
+    "ServerVersion": "20.10.24+dfsg1",
+    "Driver": "overlay2",
+    "DriverStatus": [
+        ["Backing Filesystem", "extfs"],
+        ["Supports d_type", "true"],
+        ["Native Overlay Diff", "true"],
+        ["userxattr", "false"],
+    ],
+}
+CONTAINERD_INFO = {
+    "ServerVersion": "29.0.1",
+    "Driver": "overlayfs",
+    "DriverStatus": [["driver-type", "io.containerd.snapshotter.v1"]],
+}
+
+
 class FakeEngine:
-    def __init__(self, images: dict[str, dict[str, Any]]) -> None:
+    """images.get, api.pull (from ``registry``) and info: what planning a build uses."""
+
+    def __init__(
+        self,
+        images: dict[str, dict[str, Any]],
+        registry: dict[str, dict[str, Any]] | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
         self.known = images
+        self.registry = registry or {}
+        self.answer = info or CLASSIC_INFO
+        self.pulled: list[str] = []
+        self.looked_up: list[str] = []
         self.images = self
+        self.api = self
 
     def get(self, reference: str) -> FakeImage:
+        self.looked_up.append(reference)
         if reference not in self.known:
             raise docker.errors.ImageNotFound(f"No such image: {reference}")
         return FakeImage(self.known[reference])
+
+    def pull(self, repository: str, tag: str, **_options: Any) -> list[dict[str, Any]]:
+        reference = f"{repository}:{tag}"
+        self.pulled.append(reference)
+        if reference not in self.registry:
+            return [{"error": f"pull access denied for {repository}, repository does not exist"}]
+        self.known[reference] = self.registry[reference]
+        return [{"status": f"Downloaded newer image for {reference}"}]
+
+    def info(self) -> dict[str, Any]:
+        return self.answer
 
 
 def test_sources_resolve_to_local_image_ids(manifest_path: Path) -> None:
@@ -200,14 +251,100 @@ def test_a_missing_app_image_names_the_field_the_reference_and_the_fixes(manifes
 
 
 def test_a_missing_project_image_points_at_the_build_script(manifest_path) -> None:
-    engine = FakeEngine({"example/hello:1.0": app_attrs()})
+    engine = FakeEngine({}, registry={"example/hello:1.0": app_attrs()})
 
-    with pytest.raises(
-        Exception,
-        match=r"sources.odyn .* build the project's images with "
-        r"scripts/build-images.sh, or pass --pull",
-    ):
-        resolve_sources(engine, load_manifest(manifest_path))
+    with pytest.raises(SourceImageError) as err:
+        resolve_sources(engine, load_manifest(manifest_path), pull=True)
+
+    assert str(err.value) == (
+        f"sources.odyn in {manifest_path}: the image 'enclaveops/runtime:0.1.0' is not present "
+        "locally; build the project's images with scripts/build-images.sh (they are never "
+        "pulled: no registry serves them)"
+    )
+    assert engine.pulled == ["example/hello:1.0"]
+
+
+def _local_sources(app: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    return {
+        "example/hello:1.0": app or app_attrs(),
+        "enclaveops/runtime:0.1.0": {"Id": "sha256:r", "Architecture": "amd64"},
+        "enclaveops/sleeve-emulator:0.1.0": {"Id": "sha256:s", "Architecture": "amd64"},
+    }
+
+
+def test_pull_refreshes_a_present_app_image_but_never_the_project_images(manifest_path) -> None:
+    newer = dict(app_attrs(), Id="sha256:" + "b2" * 32)
+    engine = FakeEngine(_local_sources(), registry={"example/hello:1.0": newer})
+
+    resolved = resolve_sources(engine, load_manifest(manifest_path), pull=True)
+
+    assert engine.pulled == ["example/hello:1.0"]
+    assert resolved["app"][1].id == "sha256:" + "b2" * 32
+
+
+def test_a_failed_pull_names_the_source(manifest_path) -> None:
+    engine = FakeEngine(_local_sources())
+
+    with pytest.raises(SourceImageError) as err:
+        resolve_sources(engine, load_manifest(manifest_path), pull=True)
+
+    assert str(err.value).startswith(
+        f"sources.app in {manifest_path}: pulling 'example/hello:1.0' failed: pull access denied"
+    )
+
+
+def test_check_mode_never_pulls_and_says_what_a_real_run_would(manifest_path) -> None:
+    sources = _local_sources()
+    del sources["example/hello:1.0"]
+    engine = FakeEngine(sources, registry={"example/hello:1.0": app_attrs()})
+
+    plan = plan_build(manifest_path, BuildOptions(pull=True), engine, check_mode=True)
+    release, reason = existing_release(engine, plan)
+
+    assert engine.pulled == []
+    assert plan.would_pull == ("example/hello:1.0",)
+    assert [source.name for source in plan.sources] == ["odyn", "sleeve"]
+    assert (plan.inputs_digest, release) == (None, None)
+    assert reason == (
+        "would pull example/hello:1.0 first (pull), then build example/hello-release:1.0 when a "
+        "pulled image is new or another input changed"
+    )
+
+
+def test_check_mode_without_pull_plans_from_the_local_images(manifest_path) -> None:
+    engine = FakeEngine(_local_sources())
+
+    plan = plan_build(manifest_path, BuildOptions(), engine, check_mode=True)
+
+    assert (engine.pulled, plan.would_pull) == ([], ())
+    assert plan.inputs_digest is not None and plan.inputs_digest.startswith("sha256:")
+
+
+# --------------------------------------------------------------------------------------------
+# The engine's image store
+
+
+def test_the_containerd_image_store_is_recognised_from_docker_info() -> None:
+    assert uses_containerd_store(CONTAINERD_INFO)
+    assert uses_containerd_store({"Driver": "overlayfs", "DriverStatus": None})
+    assert not uses_containerd_store(CLASSIC_INFO)
+    assert not uses_containerd_store({"Driver": "fuse-overlayfs", "DriverStatus": []})
+
+
+def test_an_engine_with_the_containerd_store_is_refused_before_anything(manifest_path) -> None:
+    engine = FakeEngine(_local_sources(), info=CONTAINERD_INFO)
+
+    with pytest.raises(ImageStoreError) as err:
+        plan_build(manifest_path, BuildOptions(pull=True), engine)
+
+    assert (engine.looked_up, engine.pulled) == ([], [])
+    message = str(err.value)
+    assert message.startswith(
+        "the Docker engine (version 29.0.1) keeps its images in the containerd image store "
+        "(docker info: driver-type io.containerd.snapshotter.v1)"
+    )
+    assert '"features": {"containerd-snapshotter": false} in /etc/docker/daemon.json' in message
+    assert "restart Docker" in message
 
 
 def test_a_runtime_of_another_architecture_is_refused() -> None:
@@ -268,6 +405,21 @@ SOURCES = (
     SourceImage("odyn", "o", "sha256:o", "amd64"),
     SourceImage("sleeve", "s", "sha256:s", "amd64"),
 )
+
+
+def test_paths_given_as_strings_become_paths(tmp_path) -> None:
+    (tmp_path / "bzImage").write_bytes(b"kernel")
+
+    options = BuildOptions(blobs=str(tmp_path), eif_output="out.eif", work_dir="/var/tmp")
+
+    assert (options.blobs, options.eif_output, options.work_dir) == (
+        tmp_path,
+        Path("out.eif"),
+        Path("/var/tmp"),
+    )
+    assert blobs_digests("nitro-cli", options, "amd64") == {
+        "bzImage": hashlib.sha256(b"kernel").hexdigest()
+    }
 
 
 def test_every_input_changes_the_inputs(tmp_path, monkeypatch) -> None:
@@ -370,3 +522,86 @@ def test_absent_odyn_and_sleeve_default_to_the_project_images(tmp_path) -> None:
         "sleeve": "enclaveops/sleeve-emulator:0.1.0",
     }
     assert source_references(manifest, "nitro-cli")["sleeve"] == "enclaveops/sleeve:0.1.0"
+
+
+# --------------------------------------------------------------------------------------------
+# Output files
+
+
+def test_an_output_is_replaced_only_when_it_was_written_whole(tmp_path) -> None:
+    eif = tmp_path / "app.eif"
+    eif.write_bytes(b"working EIF")
+
+    with pytest.raises(RuntimeError), replaced_on_success(eif) as partial:
+        partial.write_bytes(b"half")
+        raise RuntimeError("the builder died")
+
+    assert eif.read_bytes() == b"working EIF"
+    assert [path.name for path in tmp_path.iterdir()] == ["app.eif"]
+    with replaced_on_success(eif) as partial:
+        partial.write_bytes(b"new EIF")
+    assert eif.read_bytes() == b"new EIF"
+    assert [path.name for path in tmp_path.iterdir()] == ["app.eif"]
+
+
+def test_an_output_that_cannot_be_written_names_the_directory(tmp_path) -> None:
+    with pytest.raises(NoSpaceError) as err, replaced_on_success(tmp_path / "a.eif") as partial:
+        partial.write_bytes(b"x" * 2_000_000)
+        raise OSError(28, "No space left on device")
+
+    assert str(err.value).startswith(
+        f"no space left on the device of {tmp_path}: about 2 MB are needed"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Housekeeping
+
+
+class PruningEngine:
+    """images.list/remove and api.containers: what prune_superseded uses."""
+
+    def __init__(self, dangling: list[str], used: list[str], refused: tuple[str, ...] = ()) -> None:
+        self.dangling = dangling
+        self.used = used
+        self.refused = refused
+        self.filters: dict[str, Any] = {}
+        self.removed: list[str] = []
+        self.images = self
+        self.api = self
+
+    def list(self, filters: dict[str, Any]) -> list[FakeImage]:
+        self.filters = filters
+        return [FakeImage({"Id": image_id}) for image_id in self.dangling]
+
+    def containers(self, all: bool) -> list[dict[str, str]]:
+        assert all, "stopped containers use their images too"
+        return [
+            {"Id": f"c{index}", "ImageID": image_id} for index, image_id in enumerate(self.used)
+        ]
+
+    def remove(self, image_id: str) -> None:
+        if image_id in self.refused:
+            raise docker.errors.APIError(f"conflict: unable to delete {image_id}")
+        self.removed.append(image_id)
+
+
+def test_rebuilds_remove_older_untagged_images_but_keep_the_previous_release() -> None:
+    engine = PruningEngine(
+        dangling=["sha256:previous", "sha256:older", "sha256:amended-old", "sha256:in-use"],
+        used=["sha256:in-use"],
+    )
+
+    removed = prune_superseded(engine, "example/hello-release:1.0", {"sha256:previous"})
+
+    assert removed == engine.removed == ["sha256:older", "sha256:amended-old"]
+    assert engine.filters == {
+        "dangling": True,
+        "label": f"{LABEL_TARGET}=example/hello-release:1.0",
+    }
+
+
+def test_an_image_the_engine_will_not_remove_is_left_quietly() -> None:
+    engine = PruningEngine(dangling=["sha256:a", "sha256:b"], used=[], refused=("sha256:a",))
+
+    assert prune_superseded(engine, "t:1", set()) == ["sha256:b"]

@@ -17,6 +17,7 @@ import pytest
 
 from enclave_runtime.host.image_layers import (
     ImageLoadError,
+    ImageStoreError,
     LayerBuilder,
     LayerDigest,
     LayerError,
@@ -284,7 +285,12 @@ class FakeImage:
 class FakeEngine:
     """What append_layer uses: api.history, api.load_image, images.get, info."""
 
-    def __init__(self, load_events: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        load_events: list[dict[str, Any]] | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.answer = info or {"DockerRootDir": "/var/lib/docker", "Driver": "overlay2"}
         self.loaded = b""
         self.loaded_id = ""
         self.load_events = load_events
@@ -309,7 +315,7 @@ class FakeEngine:
         return FakeImage({"Id": self.loaded_id})
 
     def info(self) -> dict[str, Any]:
-        return {"DockerRootDir": "/var/lib/docker"}
+        return self.answer
 
 
 def _append(engine: FakeEngine, tmp_path: Path):
@@ -359,3 +365,16 @@ def test_an_engine_that_refuses_the_image_says_why(tmp_path) -> None:
 
     with pytest.raises(ImageLoadError, match="refused the new image: invalid manifest"):
         _append(FakeEngine(refused), tmp_path)
+
+
+def test_the_containerd_image_store_is_refused_before_loading(tmp_path) -> None:
+    containerd = {
+        "Driver": "overlayfs",
+        "DriverStatus": [["driver-type", "io.containerd.snapshotter.v1"]],
+    }
+    engine = FakeEngine(info=containerd)
+
+    with pytest.raises(ImageStoreError, match=r"containerd image store .*/etc/docker/daemon\.json"):
+        _append(engine, tmp_path)
+
+    assert engine.loaded == b""

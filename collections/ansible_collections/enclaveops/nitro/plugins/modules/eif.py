@@ -17,6 +17,8 @@ description:
     version, E(SOURCE_DATE_EPOCH)) is recorded beside the EIF in C(<output>.build.json). When
     the digest is unchanged and the EIF is still the file that was built, nothing is done, and
     RV(reason) says so.
+  - The EIF is built beside O(output) under a temporary name and renamed over it only when the
+    build succeeded, so a failed build leaves the previous EIF in place, whole.
 author:
   - EnclaveOps contributors (@enclaveops)
 options:

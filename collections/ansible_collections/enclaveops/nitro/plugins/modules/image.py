@@ -16,6 +16,12 @@ description:
     C(target) is the sleeve base (C(sources.sleeve)) plus C(/enclave/application.eif) and
     C(/enclave/enclaver.yaml).
   - The source images must be local, unless O(pull=true).
+  - The engine must keep its images in the classic image store; an engine with the containerd
+    image store (the default of fresh Docker Engine 29 installs) is refused before anything is
+    done, with the C(daemon.json) setting that switches it back.
+  - Each rebuild removes the untagged images earlier builds of the same C(target) left, except
+    the release image C(target) named before (kept so that a failed replacement can be rolled
+    back) and any image a container uses.
   - The release image carries the digest of every input (the source image IDs, the manifest's
     bytes, the enclave-runtime version, the builder, the blobs, the signing certificate,
     E(SOURCE_DATE_EPOCH)). When the local C(target) has the same digest nothing is built and
@@ -31,8 +37,11 @@ options:
     required: true
   pull:
     description:
-      - Pull a source image that is not present locally. An image that is present is never
-        pulled.
+      - Pull every source image first, present or not, so that a tag that moved in its
+        registry is refreshed; without it the local images are used and a missing one fails.
+      - The project's own C(enclaveops/...) images are never pulled (no registry serves them;
+        C(scripts/build-images.sh) builds them).
+      - Check mode never pulls; RV(reason) says what a real run would pull.
     type: bool
     default: false
   builder:
@@ -57,7 +66,8 @@ extends_documentation_fragment:
 attributes:
   check_mode:
     support: full
-    description: Resolves the sources and computes the inputs digest, building nothing.
+    description: Resolves the local sources and computes the inputs digest, building and pulling
+      nothing. With O(pull=true) it reports C(changed), as the pull may bring a new image.
   diff_mode:
     support: none
     description: Images are not diffed; RV(reason) says why the image is (re)built.
@@ -94,7 +104,7 @@ EXAMPLES = r"""
 
 RETURN = r"""
 sources:
-  description: Each source image's reference and image ID.
+  description: Each source image's reference and image ID (in check mode, those present locally).
   returned: always
   type: dict
   sample:
@@ -124,7 +134,8 @@ eif_digest:
   returned: always
   type: str
 inputs_digest:
-  description: The digest of the inputs (see the description).
+  description: The digest of the inputs (see the description); null in check mode when a source
+    image is missing locally and a real run would pull it.
   returned: always
   type: str
 builder:
@@ -176,8 +187,8 @@ def built_result(build):
 
 
 def predicted_result(pipeline, client, module, options):
-    """Check mode: whether a build would run, from the inputs digest alone."""
-    plan = pipeline.plan_build(module.params["manifest"], options, client)
+    """Check mode: whether a build would run, from the inputs digest alone; nothing is pulled."""
+    plan = pipeline.plan_build(module.params["manifest"], options, client, check_mode=True)
     existing, reason = pipeline.existing_release(client, plan, force=options.force)
     if existing is not None:
         return built_result(existing)

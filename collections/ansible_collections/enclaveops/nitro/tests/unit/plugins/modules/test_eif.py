@@ -160,3 +160,72 @@ def test_a_missing_signing_key_is_named(run_module, engine, tmp_path) -> None:
         "cannot build the EIF of app:1: signing_key: /none/key.pem is not a file; give the path "
         "of the PEM file"
     )
+
+
+# A stand-in for AWS's nitro-cli build-enclave: it records the NITRO_CLI_BLOBS it was given,
+# writes the EIF bytes it finds in ./eif (or half an EIF), then answers as nitro-cli does.
+NITRO_CLI = """\
+#!/bin/sh
+here=$(dirname "$0")
+if [ "$1" = "--version" ]; then echo "Nitro CLI 1.4.2"; exit 0; fi
+while [ $# -gt 0 ]; do [ "$1" = "--output-file" ] && out="$2"; shift; done
+printf '%s' "$NITRO_CLI_BLOBS" > "$here/blobs-seen"
+if [ -f "$here/eif" ]; then
+    cat "$here/eif" > "$out"
+    printf '{"Measurements": {"HashAlgorithm": "Sha384 { ... }", '
+    printf '"PCR0": "@0", "PCR1": "@1", "PCR2": "@2"}}\n'
+    exit 0
+fi
+printf 'half an EIF' > "$out"
+echo "[ E48 ] EIF building error. Such error appears when trying to build an EIF file." >&2
+exit 48
+"""
+PCRS = {f"PCR{index}": f"{index:02x}" * 48 for index in range(3)}
+
+
+@pytest.fixture
+def nitro_cli(tmp_path) -> dict[str, Any]:
+    """Arguments for a nitro-cli build with ``blobs`` given as a string, as YAML gives it."""
+    tools = tmp_path / "tools"
+    (tools / "blobs").mkdir(parents=True)
+    (tools / "blobs" / "bzImage").write_bytes(b"kernel")
+    script = tools / "nitro-cli"
+    text = NITRO_CLI
+    for index in range(3):
+        text = text.replace(f"@{index}", PCRS[f"PCR{index}"])
+    script.write_text(text)
+    script.chmod(0o755)
+    return {"builder": "nitro-cli", "nitro_cli_path": str(script), "blobs": str(tools / "blobs")}
+
+
+def test_nitro_cli_builds_with_the_blobs_directory_given_as_a_string(
+    run_module, engine, tmp_path, nitro_cli
+) -> None:
+    tools = tmp_path / "tools"
+    (tools / "eif").write_bytes(b"an EIF from nitro-cli")
+
+    built = run_module(eif.main, args(tmp_path, **nitro_cli))
+
+    assert not built["failed"], built["msg"]
+    assert (built["changed"], built["builder"]) == (True, "nitro-cli")
+    assert {key: built["measurements"][key] for key in PCRS} == PCRS
+    assert (tmp_path / "app.eif").read_bytes() == b"an EIF from nitro-cli"
+    assert (tools / "blobs-seen").read_text() == str(tools / "blobs")
+    assert run_module(eif.main, args(tmp_path, **nitro_cli))["changed"] is False
+
+
+def test_a_failed_build_leaves_the_previous_eif_whole(run_module, engine, tmp_path, nitro_cli):
+    run_module(eif.main, args(tmp_path))
+    working = (tmp_path / "app.eif").read_bytes()
+
+    failed = run_module(eif.main, args(tmp_path, **nitro_cli))
+
+    assert failed["failed"]
+    assert failed["msg"].startswith("cannot build the EIF of app:1: ")
+    assert "[ E48 ] EIF building error" in failed["msg"]
+    assert (tmp_path / "app.eif").read_bytes() == working
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "app.eif",
+        "app.eif.build.json",
+        "tools",
+    ]

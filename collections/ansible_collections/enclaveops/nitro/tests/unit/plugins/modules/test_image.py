@@ -6,6 +6,8 @@ nothing, errors reported with what to do."""
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -50,9 +52,11 @@ class Pipeline:
     def __init__(self, up_to_date: bool) -> None:
         self.up_to_date = up_to_date
         self.calls: list[tuple[str, Any]] = []
+        self.check_mode: list[bool] = []
 
-    def plan_build(self, manifest, options, client):
+    def plan_build(self, manifest, options, client, check_mode=False):
         self.calls.append(("plan", options))
+        self.check_mode.append(check_mode)
         return pipeline.BuildPlan(FakeManifest(), b"", {}, SOURCES, "native", None, "sha256:in")
 
     def existing_release(self, client, plan, force=False):
@@ -106,6 +110,7 @@ def test_check_mode_predicts_and_builds_nothing(run_module, fake) -> None:
     predicted = run_module(image.main, {"manifest": "enclaver.yaml"}, check_mode=True)
 
     assert [call for call, _options in stand_in.calls] == ["plan"]
+    assert stand_in.check_mode == [True]  # the pipeline then pulls nothing
     assert predicted["changed"] is True
     assert (predicted["image"], predicted["measurements"]) == (TARGET, None)
     assert predicted["inputs_digest"] == "sha256:in"
@@ -131,3 +136,18 @@ def test_a_failed_build_says_what_and_why(run_module, fake) -> None:
         "cannot build the release image of broken.yaml: sources.app in broken.yaml: the image "
         "'x' is missing"
     )
+
+
+def test_blobs_given_as_a_string_reach_the_nitro_cli_builder_as_a_directory(
+    run_module, fake, tmp_path
+) -> None:
+    stand_in = fake(up_to_date=False)
+    (tmp_path / "bzImage").write_bytes(b"kernel")
+
+    run_module(image.main, {"manifest": "e.yaml", "builder": "nitro-cli", "blobs": str(tmp_path)})
+
+    ((_call, options),) = stand_in.calls
+    assert options.blobs == Path(tmp_path)
+    assert pipeline.blobs_digests(options.builder, options, "amd64") == {
+        "bzImage": hashlib.sha256(b"kernel").hexdigest()
+    }
