@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from enclave_runtime.errors import EnclaveOpsError
 from enclave_runtime.formats.manifest import load_manifest
-from enclave_runtime.host.docker_rootfs import docker_client, docker_module, get_image
+from enclave_runtime.host.docker_rootfs import docker_client, docker_module
 from enclave_runtime.host.sleeve_container import (
     PortBinding,
     SleeveConfig,
@@ -32,6 +32,7 @@ from enclave_runtime.host.sleeve_container import (
     parse_started_line,
     published_ports,
     remove_container,
+    resolve_release_image,
     start_container,
     stop_container,
 )
@@ -57,7 +58,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     source = run.add_mutually_exclusive_group(required=True)
     source.add_argument("-f", "--file", metavar="MANIFEST", help="run the manifest's target image")
-    source.add_argument("image", nargs="?", metavar="IMAGE", help="the release image to run")
+    source.add_argument(
+        "image",
+        nargs="?",
+        metavar="IMAGE",
+        help="the release image to run: a tag, an image ID, or TAG@sha256:ID as build prints it",
+    )
     run.add_argument(
         "-p",
         "--publish",
@@ -115,8 +121,11 @@ def run_release(args: argparse.Namespace) -> int:
     image = release_image(args)
     config = sleeve_config(args)
     client = docker_client()
-    get_image(client, image)  # a missing image is named before anything is created
-    container = create_container(client, container_spec(image, args.name, config))
+    # A missing image is named before anything is created; the container runs the image ID.
+    release = resolve_release_image(client, image)
+    if release.note:
+        print(f"enclaveops: {release.note}", file=sys.stderr, flush=True)
+    container = create_container(client, container_spec(release.image_id, args.name, config))
     return Foreground(container, sys.stdout.buffer, sys.stderr).run()
 
 

@@ -30,13 +30,19 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from enclave_runtime.errors import EnclaveOpsError
-from enclave_runtime.host.docker_rootfs import DockerError, docker_module
+from enclave_runtime.host.docker_rootfs import (
+    DockerError,
+    ImageNotFoundError,
+    docker_module,
+    get_image,
+)
 from enclave_runtime.host.nitro_cli import EnclaveInfo, NitroCli
 from enclave_runtime.host.project_images import emulator_container_settings
 
 if TYPE_CHECKING:
     from docker import DockerClient
     from docker.models.containers import Container
+    from docker.models.images import Image
 
 NITRO_DEVICE = "/dev/nitro_enclaves"
 DEFAULT_EMULATOR_ROOT = "/run/nitro-emu"
@@ -52,6 +58,9 @@ STOP_TIMEOUT = 30
 _POLL_INTERVAL = 0.5
 _STARTED_LINE = re.compile(r"^sleeve: started enclave ID=(?P<id>\S+), CID=(?P<cid>\d+)\s*$")
 _LOG_TAIL = 20
+# ``<repository[:tag]>@sha256:<image ID>``, the form ``enclaveops build`` prints as "Image".
+_PINNED = re.compile(r"^(?P<name>.+)@(?P<id>sha256:[0-9a-f]{64})$")
+_HEX = re.compile(r"^[0-9a-f]+$")
 
 
 class SleeveContainerError(EnclaveOpsError):
@@ -192,6 +201,84 @@ def _docker_ports(bindings: Iterable[PortBinding]) -> dict[str, list[tuple[str, 
             (binding.host_ip, binding.host_port)
         )
     return ports
+
+
+# --------------------------------------------------------------------------------------------
+# Release image references
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseImage:
+    """A release image reference resolved to the local image a container runs."""
+
+    reference: str  # as given
+    image_id: str
+    name: str  # its repository[:tag] part; "" when it was an image ID alone
+    note: str = ""  # set when its tag points elsewhere than the image ID it pins
+
+    @property
+    def pinned(self) -> str:
+        """``<repository[:tag]>@<image ID>`` (the image ID alone when no name was given)."""
+        return f"{self.name}@{self.image_id}" if self.name else self.image_id
+
+
+def resolve_release_image(client: DockerClient, reference: str) -> ReleaseImage:
+    """The local image ``reference`` names: a tag, an image ID, or ``<tag>@sha256:<image ID>``.
+
+    Docker reads ``name@sha256:…`` as a registry (manifest) digest, which a locally built
+    image does not have, so the pinned form is resolved here: the image ID decides what runs
+    (exactly what was built and measured); the tag is only checked, and a tag that points
+    elsewhere, or nowhere, is said in ``note``. A digest that is no local image ID is passed on
+    to Docker, which matches it against registry digests of pulled images.
+    """
+    pinned = _PINNED.match(reference)
+    if pinned is None:
+        image = get_image(client, reference)
+        return ReleaseImage(
+            reference, image.id, "" if _is_id_of(reference, image.id) else reference
+        )
+    name, image_id = pinned["name"], pinned["id"]
+    image = _image_by_id(client, image_id)
+    if image is None:
+        return ReleaseImage(reference, _by_registry_digest(client, reference, image_id), name)
+    return ReleaseImage(reference, image.id, name, _tag_note(client, name, image.id))
+
+
+def _is_id_of(reference: str, image_id: str) -> bool:
+    """Whether ``reference`` is ``image_id`` or a prefix of it, with or without ``sha256:``."""
+    bare = reference[len("sha256:") :] if reference.startswith("sha256:") else reference
+    return bool(_HEX.match(bare)) and image_id.split(":", 1)[-1].startswith(bare)
+
+
+def _image_by_id(client: DockerClient, image_id: str) -> Image | None:
+    try:
+        return get_image(client, image_id)
+    except ImageNotFoundError:
+        return None
+
+
+def _by_registry_digest(client: DockerClient, reference: str, image_id: str) -> str:
+    try:
+        return get_image(client, reference).id
+    except ImageNotFoundError:
+        raise ImageNotFoundError(
+            f"the release image {reference!r} is not present locally: no local image has the ID "
+            f"{image_id}; build it on this host (enclaveops build -f enclaver.yaml) or copy it "
+            "here (docker save IMAGE | docker load), then use the Image that build printed"
+        ) from None
+
+
+def _tag_note(client: DockerClient, name: str, image_id: str) -> str:
+    if ":" not in name.rsplit("/", 1)[-1]:
+        return ""
+    try:
+        tagged: str | None = get_image(client, name).id
+    except ImageNotFoundError:
+        tagged = None
+    if tagged == image_id:
+        return ""
+    where = f"points to {tagged}" if tagged else "does not exist on this host"
+    return f"the tag {name} {where}; running {image_id}, the image ID the reference pins"
 
 
 # --------------------------------------------------------------------------------------------

@@ -175,6 +175,109 @@ def test_absent_removes_only_what_exists() -> None:
     assert not sc.plan_sleeve(None, "absent", None, SPEC).changed
 
 
+# --- release image references: the Image enclaveops build prints ---
+
+RELEASE = "enclaveops-examples/hello-release:latest"
+BUILT = "sha256:" + "1" * 64
+REBUILT = "sha256:" + "2" * 64
+
+
+class FakeImages:
+    """The engine's image lookup: by tag or by (a prefix of) an image ID; a name@digest
+    reference only by registry digest, which locally built images do not have."""
+
+    def __init__(self, tags: dict[str, str]) -> None:
+        self.tags = tags
+
+    def get(self, reference: str) -> Any:
+        docker = pytest.importorskip("docker")
+        bare = reference.removeprefix("sha256:")
+        found = self.tags.get(reference) or next(
+            (i for i in self.tags.values() if i.removeprefix("sha256:").startswith(bare)), None
+        )
+        if found is None or "@" in reference:
+            raise docker.errors.ImageNotFound(f"No such image: {reference}")
+        return type("Image", (), {"id": found})()
+
+
+def _client(**tags: str) -> Any:
+    return type("Client", (), {"images": FakeImages(tags)})()
+
+
+def test_the_image_build_prints_resolves_to_its_id() -> None:
+    release = sc.resolve_release_image(_client(**{RELEASE: BUILT}), f"{RELEASE}@{BUILT}")
+    assert (release.image_id, release.note) == (BUILT, "")
+    assert release.pinned == f"{RELEASE}@{BUILT}"
+
+
+def test_a_moved_tag_is_said_and_the_pinned_id_runs() -> None:
+    client = _client(**{RELEASE: REBUILT, "hello-release:previous": BUILT})
+    release = sc.resolve_release_image(client, f"{RELEASE}@{BUILT}")
+    assert release.image_id == BUILT
+    assert release.note == (
+        f"the tag {RELEASE} points to {REBUILT}; running {BUILT}, the image ID the reference pins"
+    )
+
+
+def test_a_missing_tag_is_said_and_the_pinned_id_runs() -> None:
+    release = sc.resolve_release_image(_client(other=BUILT), f"{RELEASE}@{BUILT}")
+    assert release.image_id == BUILT
+    assert f"the tag {RELEASE} does not exist on this host; running {BUILT}" in release.note
+
+
+def test_a_repository_without_a_tag_is_not_checked() -> None:
+    reference = f"registry.local:5000/hello-release@{BUILT}"
+    release = sc.resolve_release_image(_client(other=BUILT), reference)
+    assert (release.image_id, release.note) == (BUILT, "")
+
+
+def test_a_pinned_id_that_is_not_here_says_to_build_or_load_it() -> None:
+    with pytest.raises(sc.ImageNotFoundError) as raised:
+        sc.resolve_release_image(_client(**{RELEASE: REBUILT}), f"{RELEASE}@{BUILT}")
+    assert f"no local image has the ID {BUILT}" in str(raised.value)
+    assert "enclaveops build -f enclaver.yaml" in str(raised.value)
+    assert "docker load" in str(raised.value)
+
+
+@pytest.mark.parametrize("reference", [RELEASE, BUILT, BUILT.removeprefix("sha256:")[:12]])
+def test_a_tag_or_an_image_id_resolves_as_docker_does(reference: str) -> None:
+    release = sc.resolve_release_image(_client(**{RELEASE: BUILT}), reference)
+    assert (release.image_id, release.note) == (BUILT, "")
+    assert release.pinned == (f"{RELEASE}@{BUILT}" if reference == RELEASE else BUILT)
+
+
+def test_a_missing_tag_names_the_image() -> None:
+    with pytest.raises(sc.ImageNotFoundError, match="'hello-release:gone' is not present locally"):
+        sc.resolve_release_image(_client(), "hello-release:gone")
+
+
+@pytest.mark.docker
+def test_the_engine_itself_runs_the_pinned_form_only_through_the_resolution() -> None:
+    from enclave_runtime.host.docker_rootfs import docker_client
+
+    client = docker_client()
+    base = "enclaveops/debian-base:bookworm"
+    image_id = client.images.get(base).id
+    docker = pytest.importorskip("docker")
+    with pytest.raises(docker.errors.ImageNotFound):
+        client.images.get(f"{base}@{image_id}")  # a registry digest to Docker
+    release = sc.resolve_release_image(client, f"{base}@{image_id}")
+    assert (release.image_id, release.note, release.pinned) == (image_id, "", f"{base}@{image_id}")
+
+
+def test_run_creates_the_container_from_the_pinned_id_and_says_a_moved_tag(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    created: list[dict[str, Any]] = []
+    client = _client(**{RELEASE: REBUILT, "hello-release:previous": BUILT})
+    monkeypatch.setattr(run_cmd, "docker_client", lambda: client)
+    monkeypatch.setattr(run_cmd, "create_container", lambda _c, spec: created.append(spec))
+    monkeypatch.setattr(run_cmd.Foreground, "run", lambda _self: 0)
+    assert run_cmd.run_release(_run_args(f"{RELEASE}@{BUILT}", "--emulator")) == 0
+    assert created[0]["image"] == BUILT
+    assert f"enclaveops: the tag {RELEASE} points to {REBUILT}" in capsys.readouterr().err
+
+
 # --- what the sleeve prints ---
 
 

@@ -36,8 +36,15 @@ options:
     required: true
   image:
     description:
-      - The release image, as a local Docker reference (C(repository:tag) or an image ID). It is
-        not pulled.
+      - The release image, as a local Docker reference, either a tag (C(repository:tag)), an
+        image ID, or C(repository:tag@sha256:ID), the C(Image) that C(enclaveops build) prints
+        and RV(enclaveops.nitro.image#module:image) returns. It is not pulled.
+      - In the C(@sha256:ID) form the image ID decides what runs (exactly what was built and
+        measured), and the local image with that ID must exist. If the tag does not point to it
+        (it moved, or does not exist here), the module warns and runs the image ID. A digest
+        that is no local image ID is looked up by Docker as a registry digest.
+      - The container is created from the image ID, so it keeps running what was resolved even
+        when the tag moves.
       - Required unless O(state=absent).
     type: str
   state:
@@ -131,6 +138,12 @@ EXAMPLES = r"""
   ansible.builtin.debug:
     msg: "enclave {{ hello_sleeve.enclave.EnclaveID }} (CID {{ hello_sleeve.enclave.EnclaveCID }})"
 
+- name: Run exactly the image a build recorded, as repository:tag@sha256:ID (the ID decides)
+  enclaveops.nitro.sleeve:
+    name: hello
+    image: "{{ (lookup('ansible.builtin.file', 'measurements/hello.json') | from_json).image }}"
+    published_ports: ["8080:8080"]
+
 - name: On the emulator, for every module of the play
   module_defaults:
     group/enclaveops.nitro.nitro:
@@ -201,6 +214,13 @@ enclave:
       description: C(RUNNING).
       type: str
       sample: RUNNING
+image:
+  description:
+    - The release image as C(repository:tag@image ID) (the image ID alone when O(image) was an
+      image ID); null when O(state=absent), or in check mode when the image is not present yet.
+  returned: always
+  type: str
+  sample: enclaveops-examples/hello-release:latest@sha256:8843cea65b25...
 reason:
   description: Why the container was (or would be) changed, or why it was left alone.
   returned: always
@@ -244,10 +264,10 @@ def config_from_params(containers, params):
     )
 
 
-def image_id(rootfs, client, reference, check_mode):
-    """The release image's ID; in check mode a missing image is a change to come, not an error."""
+def release_image(containers, rootfs, client, reference, check_mode):
+    """The resolved release image; in check mode a missing one is a change to come (None)."""
     try:
-        return rootfs.get_image(client, reference).id
+        return containers.resolve_release_image(client, reference)
     except rootfs.ImageNotFoundError:
         if check_mode:
             return None
@@ -291,14 +311,22 @@ def run(module):
         client = rootfs.docker_client()
         container = containers.find_container(client, name)
         current = containers.container_state(container) if container is not None else None
-        wanted_image = None
-        spec = containers.container_spec(params["image"] or "", name, config)
+        release = None
         if state != "absent":
-            wanted_image = image_id(rootfs, client, params["image"], module.check_mode)
+            release = release_image(containers, rootfs, client, params["image"], module.check_mode)
+        wanted_image = release.image_id if release else None
+        spec = containers.container_spec(wanted_image or params["image"] or "", name, config)
         plan = containers.plan_sleeve(current, state, wanted_image, spec)
     except errors.EnclaveOpsError as err:
         fail_from_error(module, err, hint)
-    result = dict(changed=plan.changed, reason=plan.reason, enclave=None)
+    if release is not None and release.note:
+        module.warn(f"{hint}: {release.note}")
+    result = dict(
+        changed=plan.changed,
+        reason=plan.reason,
+        enclave=None,
+        image=release.pinned if release else None,
+    )
     if module._diff:
         result["diff"] = diff(containers, current, state, wanted_image, config)
     if module.check_mode:

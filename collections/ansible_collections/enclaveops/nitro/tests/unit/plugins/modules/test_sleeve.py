@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ansible.module_utils import basic
 from ansible_collections.enclaveops.nitro.plugins.modules import sleeve
 from ansible_collections.enclaveops.nitro.tests.unit.plugins.modules import fake_nitro_cli
 
@@ -21,6 +22,8 @@ docker = pytest.importorskip("docker")
 docker_rootfs = pytest.importorskip("enclave_runtime.host.docker_rootfs")
 
 RELEASE = "hello-release:latest"
+RELEASE_ID = "sha256:" + "a" * 64
+NEXT_ID = "sha256:" + "b" * 64
 ZERO_PCR = "0" * 96
 
 
@@ -33,7 +36,7 @@ class FakeContainer:
         self.labels = spec["labels"]
         self.status = "created"
         self.attrs: dict[str, Any] = {
-            "Image": engine.images.ids[spec["image"]],
+            "Image": engine.images.get(spec["image"]).id,
             "State": {"ExitCode": 0, "StartedAt": "0001-01-01T00:00:00Z"},
         }
         self.log = b""
@@ -65,12 +68,14 @@ class FakeContainer:
 
 class FakeImages:
     def __init__(self) -> None:
-        self.ids = {RELEASE: "sha256:aaaa"}
+        self.ids = {RELEASE: RELEASE_ID}
 
     def get(self, reference: str) -> Any:
-        if reference not in self.ids:
+        """By tag or by image ID, as the engine looks images up (not by a pinned reference)."""
+        image_id = self.ids.get(reference) or (reference if reference in self.ids.values() else "")
+        if not image_id:
             raise docker.errors.ImageNotFound(reference)
-        return type("Image", (), {"id": self.ids[reference]})()
+        return type("Image", (), {"id": image_id})()
 
 
 class FakeContainers:
@@ -152,7 +157,9 @@ def test_starts_waits_for_the_enclave_then_leaves_it_alone(run_module, engine, a
     first = run_module(sleeve.main, args)
     assert first["changed"] is True, first
     assert first["container"]["status"] == "running"
-    assert first["container"]["image_id"] == "sha256:aaaa"
+    assert first["container"]["image_id"] == RELEASE_ID
+    assert first["image"] == f"{RELEASE}@{RELEASE_ID}"
+    assert engine.created[0]["image"] == RELEASE_ID  # the ID: a moved tag changes nothing
     assert first["enclave"]["State"] == "RUNNING"
     assert first["enclave"]["EnclaveCID"] == 18
     spec = engine.created[0]
@@ -167,18 +174,55 @@ def test_starts_waits_for_the_enclave_then_leaves_it_alone(run_module, engine, a
 
 def test_a_new_release_image_replaces_the_container(run_module, engine, args) -> None:
     run_module(sleeve.main, args)
-    engine.images.ids[RELEASE] = "sha256:bbbb"
+    engine.images.ids[RELEASE] = NEXT_ID
     result = run_module(sleeve.main, args, diff=True)
     assert result["changed"] is True
-    assert "sha256:aaaa" in result["reason"] and "sha256:bbbb" in result["reason"]
-    assert result["diff"]["before"]["image_id"] == "sha256:aaaa"
-    assert result["diff"]["after"]["image_id"] == "sha256:bbbb"
+    assert RELEASE_ID in result["reason"] and NEXT_ID in result["reason"]
+    assert result["diff"]["before"]["image_id"] == RELEASE_ID
+    assert result["diff"]["after"]["image_id"] == NEXT_ID
     assert engine.actions[2:] == [
         ("stop", "hello"),
         ("remove", "hello"),
         ("create", "hello"),
         ("start", "hello"),
     ]
+
+
+@pytest.fixture
+def warnings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """What the module warns about (the real exit_json, stubbed here, would return them)."""
+    said: list[str] = []
+    monkeypatch.setattr(basic.AnsibleModule, "warn", lambda _self, text: said.append(text))
+    return said
+
+
+def test_the_image_build_printed_is_run_and_left_alone_like_its_tag(
+    run_module, engine, args, warnings
+) -> None:
+    run_module(sleeve.main, args)
+    pinned = run_module(sleeve.main, dict(args, image=f"{RELEASE}@{RELEASE_ID}"))
+    assert (pinned["changed"], pinned["image"]) == (False, f"{RELEASE}@{RELEASE_ID}")
+    assert warnings == []
+
+
+def test_a_pinned_image_whose_tag_moved_runs_the_pinned_id_with_a_warning(
+    run_module, engine, args, warnings
+) -> None:
+    engine.images.ids["hello-release:old"] = RELEASE_ID
+    engine.images.ids[RELEASE] = NEXT_ID
+    result = run_module(sleeve.main, dict(args, image=f"{RELEASE}@{RELEASE_ID}"))
+    assert result["container"]["image_id"] == RELEASE_ID
+    assert warnings == [
+        f"sleeve container hello: the tag {RELEASE} points to {NEXT_ID}; running {RELEASE_ID}, "
+        "the image ID the reference pins"
+    ]
+
+
+def test_a_pinned_image_that_is_not_here_fails_with_what_to_do(run_module, engine, args) -> None:
+    result = run_module(sleeve.main, dict(args, image=f"{RELEASE}@{NEXT_ID}"))
+    assert result["failed"] is True
+    assert f"no local image has the ID {NEXT_ID}" in result["msg"]
+    assert engine.actions == []
 
 
 def test_check_mode_predicts_a_configuration_change_and_changes_nothing(
