@@ -4,12 +4,15 @@ A release image's entrypoint is ``sleeve`` (host/sleeve.py), which starts the en
 ``/enclave/application.eif`` and stays beside it. To reach the enclave the container needs:
 
 - on a Nitro parent, the device ``/dev/nitro_enclaves`` (as enclaver documents it:
-  ``docker run --device /dev/nitro_enclaves``);
+  ``docker run --device /dev/nitro_enclaves``), nitro-cli's sockets and log directories
+  bind-mounted at the same paths and the host PID namespace, so the host's nitro-cli
+  (``describe-enclaves``, ``terminate-enclave``) sees the enclave the container started
+  (``NITRO_CONTAINER_SETTINGS``);
 - on the emulator, the host's emulator directory (``NITRO_EMU_ROOT``) bind-mounted at the same
   path, with ``NITRO_EMU_ROOT`` set, so host tools (``nitro-emu describe-enclaves``,
-  ``initctl`` over the fabric) see and reach the enclave the container started; the allocator
-  file the same way; and the privileges the emulator's sandbox needs (project_images'
-  ``emulator_container_settings``).
+  ``initctl`` over the fabric) see and reach the enclave the container started; a named
+  allocator file the same way; and the privileges the emulator's sandbox needs
+  (project_images' ``emulator_container_settings``).
 
 ``enclaveops run`` and the ``enclaveops.nitro.sleeve`` module both go through here. Containers
 carry their configuration as labels (the options as JSON, and a digest of the whole container
@@ -22,7 +25,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,7 +48,28 @@ if TYPE_CHECKING:
 
 NITRO_DEVICE = "/dev/nitro_enclaves"
 DEFAULT_EMULATOR_ROOT = "/run/nitro-emu"
-DEFAULT_EMULATOR_ALLOCATOR = "/etc/nitro_enclaves/allocator.yaml"
+
+# How a sleeve container runs on a Nitro parent (aws/aws-nitro-enclaves-cli sources, read at
+# 2950b36): `nitro-cli run-enclave` forks an enclave process that holds the enclave and listens
+# on <dir>/<enclave>.sock, <dir> being $NITRO_CLI_SOCKETS_PATH, else /run/nitro_enclaves
+# (src/common/mod.rs). `describe-enclaves` and `terminate-enclave` from ANY process connect to
+# the sockets found in that directory (src/enclave_proc_comm.rs); the enclave process lets uid 0
+# issue every command (SO_PEERCRED, src/enclave_proc/connection.rs). So sharing the directory at
+# the same path lets the host's nitro-cli list and terminate the container's enclave. The host
+# PID namespace makes the ProcessID those commands report a host PID (nitro-cli reports its
+# own getpid()). The log directory ($NITRO_CLI_LOGS_PATH, else /var/log/nitro_enclaves,
+# src/common/logger.rs) is shared so the error-log paths nitro-cli's messages name exist on the
+# host. The variables pin the container's nitro-cli to the mounted paths whatever its version's
+# defaults (before 2020 the sockets lived in /var/run/nitro_enclaves).
+NITRO_CONTAINER_SETTINGS: Mapping[str, Any] = {
+    "devices": (f"{NITRO_DEVICE}:{NITRO_DEVICE}:rwm",),
+    "pid_mode": "host",
+    # environment variable: directory, bind-mounted read-write at the same path
+    "shared_directories": {
+        "NITRO_CLI_SOCKETS_PATH": "/run/nitro_enclaves",
+        "NITRO_CLI_LOGS_PATH": "/var/log/nitro_enclaves",
+    },
+}
 RESTART_POLICIES = ("no", "on-failure", "unless-stopped", "always")
 
 SLEEVE_LABEL = "org.enclaveops.sleeve"
@@ -154,11 +177,23 @@ def default_emulator_root(environ: Mapping[str, str]) -> str:
 
 
 def default_emulator_allocator(environ: Mapping[str, str]) -> str | None:
-    """The allocator file nitro-emu on the host reads, when there is one to share."""
-    named = environ.get("NITRO_EMU_ALLOCATOR")
-    if named:
-        return named
-    return DEFAULT_EMULATOR_ALLOCATOR if os.path.isfile(DEFAULT_EMULATOR_ALLOCATOR) else None
+    """The allocator file to share: ``NITRO_EMU_ALLOCATOR``, else none.
+
+    Never whether a file exists right now: the choice is part of the container's configuration
+    digest, so a file that appears later would otherwise replace a running container.
+    """
+    return environ.get("NITRO_EMU_ALLOCATOR") or None
+
+
+def nitro_container_settings() -> dict[str, Any]:
+    """docker SDK ``containers.create`` keyword arguments for a sleeve on a Nitro parent."""
+    shared = NITRO_CONTAINER_SETTINGS["shared_directories"]
+    return {
+        "devices": list(NITRO_CONTAINER_SETTINGS["devices"]),
+        "pid_mode": NITRO_CONTAINER_SETTINGS["pid_mode"],
+        "volumes": {path: {"bind": path, "mode": "rw"} for path in shared.values()},
+        "environment": dict(shared),
+    }
 
 
 def container_spec(image: str, name: str | None, config: SleeveConfig) -> dict[str, Any]:
@@ -172,7 +207,7 @@ def container_spec(image: str, name: str | None, config: SleeveConfig) -> dict[s
     if config.emulator_root:
         spec.update(emulator_container_settings(config.emulator_root, config.emulator_allocator))
     else:
-        spec["devices"] = [f"{NITRO_DEVICE}:{NITRO_DEVICE}:rwm"]
+        spec.update(nitro_container_settings())
     spec["labels"] = {
         SLEEVE_LABEL: "1",
         CONFIG_LABEL: _canonical(config.to_dict()),
@@ -556,7 +591,11 @@ def _docker_time(text: str) -> int | None:
 
 
 def wait_for_enclave(container: Container, cli: NitroCli, timeout: float) -> EnclaveInfo:
-    """Until the sleeve's enclave is RUNNING (its line on stderr, then describe-enclaves)."""
+    """Until the sleeve's enclave is RUNNING (its line on stderr, then describe-enclaves).
+
+    ``cli`` runs on the host: it sees the container's enclave because the container shares the
+    emulator root, or on Nitro nitro-cli's sockets directory (``NITRO_CONTAINER_SETTINGS``).
+    """
     deadline = time.monotonic() + timeout
     while True:
         container.reload()

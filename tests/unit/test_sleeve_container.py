@@ -57,12 +57,39 @@ def test_on_nitro_the_container_gets_the_device_and_the_sleeve_the_resources() -
     assert spec["devices"] == ["/dev/nitro_enclaves:/dev/nitro_enclaves:rwm"]
     assert spec["command"] == ["--cpu-count", "4", "--memory-mb", "2048", "--debug-mode"]
     assert spec["ports"] == {"8080/tcp": [("", 18080)], "9101/tcp": [("127.0.0.1", 19101)]}
-    assert "volumes" not in spec and "cap_add" not in spec and "pid_mode" not in spec
+    # no emulator sandbox: the enclave runs on the hypervisor, not in the container
+    assert "cap_add" not in spec and "security_opt" not in spec
     assert spec["labels"][sc.SLEEVE_LABEL] == "1"
     assert json.loads(spec["labels"][sc.CONFIG_LABEL])["published_ports"] == [
         "18080:8080",
         "127.0.0.1:19101:9101",
     ]
+
+
+def test_on_nitro_host_nitro_cli_sees_the_enclave_the_container_started() -> None:
+    spec = sc.container_spec("img", None, sc.SleeveConfig())
+    # the host's describe-enclaves / terminate-enclave connect to the enclave process's socket
+    assert spec["volumes"]["/run/nitro_enclaves"] == {"bind": "/run/nitro_enclaves", "mode": "rw"}
+    assert spec["volumes"]["/var/log/nitro_enclaves"] == {
+        "bind": "/var/log/nitro_enclaves",
+        "mode": "rw",
+    }
+    # the container's nitro-cli uses exactly those directories, whatever its version's defaults
+    assert spec["environment"] == {
+        "NITRO_CLI_SOCKETS_PATH": "/run/nitro_enclaves",
+        "NITRO_CLI_LOGS_PATH": "/var/log/nitro_enclaves",
+    }
+    # the ProcessID describe-enclaves reports is a host PID
+    assert spec["pid_mode"] == "host"
+
+
+def test_nitro_settings_are_data_the_spec_follows() -> None:
+    spec = sc.container_spec("img", None, sc.SleeveConfig())
+    settings = sc.NITRO_CONTAINER_SETTINGS
+    assert spec["devices"] == list(settings["devices"])
+    assert spec["pid_mode"] == settings["pid_mode"]
+    assert set(spec["volumes"]) == set(settings["shared_directories"].values())
+    assert spec["environment"] == dict(settings["shared_directories"])
 
 
 def test_unset_resources_leave_the_manifest_defaults_to_the_sleeve() -> None:
@@ -113,6 +140,25 @@ def test_emulator_defaults_come_from_the_environment(tmp_path: Path) -> None:
     assert sc.default_emulator_root({"NITRO_EMU_ROOT": "/tmp/ne"}) == "/tmp/ne"
     named = str(tmp_path / "allocator.yaml")
     assert sc.default_emulator_allocator({"NITRO_EMU_ALLOCATOR": named}) == named
+
+
+def test_the_allocator_default_does_not_depend_on_files_present_now(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """/etc/nitro_enclaves/allocator.yaml appearing later must not replace the container."""
+    monkeypatch.setenv("NITRO_EMU_ROOT", "/run/ne")
+    monkeypatch.delenv("NITRO_EMU_ALLOCATOR", raising=False)
+    args = _run_args("release:1", "--emulator")
+
+    def digest() -> str:
+        return sc.container_spec("img", "x", run_cmd.sleeve_config(args))["labels"][sc.DIGEST_LABEL]
+
+    monkeypatch.setattr("os.path.isfile", lambda path: False)
+    before = digest()
+    monkeypatch.setattr("os.path.isfile", lambda path: True)
+    assert digest() == before
+    assert run_cmd.sleeve_config(args).emulator_allocator is None
+    assert sc.default_emulator_allocator({"NITRO_EMU_ALLOCATOR": ""}) is None
 
 
 # --- the desired-state plan ---

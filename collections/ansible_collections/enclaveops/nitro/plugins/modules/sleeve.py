@@ -13,7 +13,10 @@ description:
   - Ensures that the container O(name) runs the release image O(image) (built by
     C(enclaveops build) or M(enclaveops.nitro.image)), whose entrypoint, the sleeve, starts the
     enclave, publishes its ingress ports and terminates it when the container stops.
-  - On a Nitro parent instance the container gets the device C(/dev/nitro_enclaves). With the
+  - On a Nitro parent instance the container gets the device C(/dev/nitro_enclaves), the host
+    PID namespace and nitro-cli's directories C(/run/nitro_enclaves) (enclave process sockets)
+    and C(/var/log/nitro_enclaves) at the same paths, so that C(nitro-cli describe-enclaves) and
+    C(terminate-enclave) on the host see the enclave the container started. With the
     emulator (O(emulator), by default when O(emulator_root) is set) the emulator's directory is
     shared with the container at the same path, with the privileges the emulator's sandbox
     needs, so that C(nitro-emu describe-enclaves) and C(initctl) on the host reach the enclave.
@@ -87,8 +90,10 @@ options:
   emulator_allocator:
     description:
       - The emulator's allocator file, shared read-only with the container.
-      - Defaults to E(NITRO_EMU_ALLOCATOR), else C(/etc/nitro_enclaves/allocator.yaml) when it
-        exists.
+      - Defaults to E(NITRO_EMU_ALLOCATOR); unset, none is shared and the container's nitro-emu
+        uses its default pool. Name C(/etc/nitro_enclaves/allocator.yaml) here to share it (the
+        default never depends on which files exist, so a file appearing later does not replace
+        the container).
     type: path
   restart_policy:
     description:
