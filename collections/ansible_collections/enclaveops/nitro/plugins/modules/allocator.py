@@ -65,6 +65,7 @@ options:
     default: true
 extends_documentation_fragment:
   - enclaveops.nitro.nitro
+  - enclaveops.nitro.attributes
 attributes:
   check_mode:
     support: full

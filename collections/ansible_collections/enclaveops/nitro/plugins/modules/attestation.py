@@ -63,16 +63,8 @@ options:
     default: 30
 extends_documentation_fragment:
   - enclaveops.nitro.nitro
-attributes:
-  check_mode:
-    support: full
-    description: Fetches and verifies in check mode too; it changes nothing.
-  diff_mode:
-    support: none
-    description: Changes nothing, so there is nothing to diff.
-  idempotent:
-    support: full
-    description: Never changes anything.
+  - enclaveops.nitro.attributes
+  - enclaveops.nitro.attributes.info_module
 """
 
 EXAMPLES = r"""

@@ -75,6 +75,7 @@ options:
     default: 120
 extends_documentation_fragment:
   - enclaveops.nitro.nitro
+  - enclaveops.nitro.attributes
 attributes:
   check_mode:
     support: full

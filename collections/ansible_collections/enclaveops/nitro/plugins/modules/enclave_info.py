@@ -21,16 +21,8 @@ options:
     type: str
 extends_documentation_fragment:
   - enclaveops.nitro.nitro
-attributes:
-  check_mode:
-    support: full
-    description: Only reads; runs the same in check mode.
-  diff_mode:
-    support: none
-    description: Changes nothing, so there is nothing to diff.
-  idempotent:
-    support: full
-    description: Never changes anything.
+  - enclaveops.nitro.attributes
+  - enclaveops.nitro.attributes.info_module
 """
 
 EXAMPLES = r"""

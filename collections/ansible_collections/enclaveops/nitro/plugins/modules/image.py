@@ -63,6 +63,7 @@ options:
     default: false
 extends_documentation_fragment:
   - enclaveops.nitro.nitro
+  - enclaveops.nitro.attributes
 attributes:
   check_mode:
     support: full

@@ -66,6 +66,7 @@ options:
     default: 60
 extends_documentation_fragment:
   - enclaveops.nitro.nitro
+  - enclaveops.nitro.attributes
 attributes:
   check_mode:
     description: Reads the service and predicts C(changed) and C(actions) without sending a change.
@@ -76,11 +77,6 @@ attributes:
   idempotent:
     description: A second run with the same options changes nothing, except C(state=restarted).
     support: partial
-  action_group:
-    description: Set the common options once with C(group/enclaveops.nitro.nitro).
-    support: full
-    membership:
-      - enclaveops.nitro.nitro
 seealso:
   - module: enclaveops.nitro.service_info
   - module: enclaveops.nitro.sleeve

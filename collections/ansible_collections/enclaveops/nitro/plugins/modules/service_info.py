@@ -43,21 +43,8 @@ options:
     default: 60
 extends_documentation_fragment:
   - enclaveops.nitro.nitro
-attributes:
-  check_mode:
-    description: Runs in check mode as in a normal run; it changes nothing either way.
-    support: full
-  diff_mode:
-    description: Returns no diff; it changes nothing.
-    support: N/A
-  idempotent:
-    description: Only reads.
-    support: full
-  action_group:
-    description: Set the common options once with C(group/enclaveops.nitro.nitro).
-    support: full
-    membership:
-      - enclaveops.nitro.nitro
+  - enclaveops.nitro.attributes
+  - enclaveops.nitro.attributes.info_module
 seealso:
   - module: enclaveops.nitro.service
 author:

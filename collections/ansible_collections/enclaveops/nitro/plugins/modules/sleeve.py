@@ -113,6 +113,7 @@ options:
     default: 180
 extends_documentation_fragment:
   - enclaveops.nitro.nitro
+  - enclaveops.nitro.attributes
 requirements:
   - docker (the Docker SDK for Python, on the target)
 attributes:
