@@ -8,20 +8,27 @@ One place for what others build on (docs/images.md explains each):
   given emulator root, ``emulator_container_settings()`` (docker SDK keyword arguments) or
   ``emulator_docker_run_args()`` (the same for the ``docker run`` command line);
 - ``ensure_project_images()``: runs scripts/build-images.sh, which rebuilds an image only when
-  the digest of its inputs (``inputs_digest``, stored in the ``INPUTS_LABEL`` label) changed.
+  the digest of its inputs (``inputs_digest``, stored in the ``INPUTS_LABEL`` label) changed;
+- ``provide_image()``: the same tag from a registry instead (a parent that cannot build);
+- ``runtime_wheel()``: the enclave-runtime wheel of a checkout, named by version and the digest of
+  its sources, so a deployment ships the code it was given and rebuilds only when it changed.
 
-``python -m enclave_runtime.host.project_images`` is the script's helper: it prepares the
-runtime's build context, computes input digests and prints tags.
+``python -m enclave_runtime.host.project_images`` is the script's helper (it prepares the
+runtime's build context, computes input digests and prints tags) and the nitro_host role's
+(``runtime-wheel``, ``provide``).
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -47,6 +54,13 @@ BUILD_SCRIPT = SOURCE_TREE / "scripts" / "build-images.sh"
 RUNTIME_IMAGE_DIR = SOURCE_TREE / "images" / "runtime"
 RUNTIME_CONTEXT_FILES = ("Dockerfile", "assemble.py")
 BUILD_TIMEOUT = 1800.0
+# What `pip wheel` of a checkout packages (pyproject.toml's readme, packages and package data);
+# the wheel is built from a copy of exactly these, so stale setuptools build/ output never leaks in.
+WHEEL_INPUTS = ("pyproject.toml", "README.md", "enclave_runtime")
+# Byte code is written by whoever imports the checkout: it is no input.
+DIGEST_IGNORED = ("__pycache__",)
+WHEEL_TIMEOUT = 600.0
+_VERSION_LINE = re.compile(r"""^__version__ = ["']([^"']+)["']""", re.M)
 
 # How a sleeve-emulator container runs (verified in tests/e2e/test_runtime_image.py):
 # SYS_ADMIN for the sandbox's namespaces and mounts (unshare, overlayfs, proc, bind mounts),
@@ -147,6 +161,8 @@ def emulator_docker_run_args(
 def _digest_tree(digest: Any, path: Path) -> None:
     entries = [path] if not path.is_dir() else sorted(path.rglob("*"))
     for entry in entries:
+        if any(part in DIGEST_IGNORED for part in entry.parts) or entry.suffix == ".pyc":
+            continue
         name = entry.name if entry == path else entry.relative_to(path).as_posix()
         if entry.is_symlink():
             record = f"link {name} {os.readlink(entry)}"
@@ -215,8 +231,13 @@ def ensure_project_images(
     """Build whatever project image is missing or stale (fast when none is); return the tags."""
     if not script.is_file():
         raise ProjectImagesError(
-            f"{script} not found: the project's images are built from the EnclaveOps source tree "
-            "(images/ and scripts/); run this from a checkout, or load the images there"
+            f"{script} not found: enclave-runtime was installed without the EnclaveOps source "
+            "tree (scripts/ and images/ are not in the wheel), so the project's images cannot be "
+            "built here. Build them in a checkout (scripts/build-images.sh) and bring them over "
+            "(docker save TAG | docker load), pull them from your registry and tag them "
+            f"{runtime_image_tag()} and {sleeve_emulator_image_tag()}, or let the nitro_host role "
+            "do either (nitro_host_runtime_image and nitro_host_sleeve_image, or a controller "
+            "with a checkout)"
         )
     env = dict(os.environ, PYTHON=sys.executable)
     if base_image is not None:
@@ -239,6 +260,137 @@ def ensure_project_images(
     return ProjectImages(*wanted)
 
 
+@dataclass(frozen=True)
+class ProvidedImage:
+    """A project tag made to name an image pulled from a registry."""
+
+    tag: str
+    reference: str
+    image_id: str
+    changed: bool
+
+
+def provide_image(client: Any, reference: str, tag: str) -> ProvidedImage:
+    """Pull ``reference`` and tag it ``tag``; changed when ``tag`` named another image before.
+
+    It is pulled every time (a quick no-op when current), so a tag that moved in the registry is
+    followed; pin a digest (``name@sha256:...``) to stay on one image.
+    """
+    # docker_rootfs needs the Docker SDK (a host extra); the image helpers above must not.
+    from enclave_runtime.host.docker_rootfs import (  # noqa: PLC0415
+        DockerError,
+        docker_module,
+        pull_image,
+    )
+
+    errors = docker_module().errors
+    try:
+        before = client.images.get(tag).id
+    except errors.ImageNotFound:
+        before = None
+    except (errors.DockerException, OSError) as err:
+        raise DockerError(f"cannot look up the Docker image {tag!r}: {err}") from None
+    image = pull_image(client, reference)
+    if image.id != before:
+        repository, _, version = tag.rpartition(":")
+        try:
+            image.tag(repository, version)
+        except (errors.DockerException, OSError) as err:
+            raise DockerError(f"cannot tag {reference} as {tag}: {err}") from None
+    return ProvidedImage(tag, reference, image.id, image.id != before)
+
+
+@dataclass(frozen=True)
+class RuntimeWheel:
+    """The enclave-runtime wheel of a checkout: ``path`` exists once built."""
+
+    version: str
+    digest: str
+    path: Path
+    built: bool
+
+
+def checkout_version(source: Path) -> str:
+    """The version a checkout's enclave_runtime/__init__.py declares."""
+    init = source / "enclave_runtime" / "__init__.py"
+    match = _VERSION_LINE.search(init.read_text()) if init.is_file() else None
+    if match is None:
+        raise ProjectImagesError(
+            f"{source} is not an EnclaveOps checkout (no __version__ in {init}): point "
+            "nitro_host_runtime_checkout at the repository root that holds pyproject.toml"
+        )
+    return match.group(1)
+
+
+def _wheel_sources(source: Path, destination: Path) -> None:
+    for name in WHEEL_INPUTS:
+        if (source / name).is_dir():
+            shutil.copytree(
+                source / name, destination / name, ignore=shutil.ignore_patterns(*DIGEST_IGNORED)
+            )
+        else:
+            shutil.copyfile(source / name, destination / name)
+
+
+def _pip_wheel(source: Path, output: Path, python: str, timeout: float) -> None:
+    with tempfile.TemporaryDirectory(prefix="enclave-runtime-wheel-") as scratch:
+        tree = Path(scratch) / "src"
+        tree.mkdir()
+        _wheel_sources(source, tree)
+        command = [python, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(output), str(tree)]
+        try:
+            result = subprocess.run(
+                command, capture_output=True, text=True, timeout=timeout, check=False
+            )
+        except subprocess.TimeoutExpired as err:
+            raise ProjectImagesError(f"pip wheel did not finish within {timeout:g} s") from err
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-20:])
+        raise ProjectImagesError(
+            f"pip wheel of {source} failed with exit status {result.returncode}; it ends with:\n"
+            f"{tail}\nIt needs setuptools>=77 from the package index (PIP_INDEX_URL for a mirror)."
+        )
+
+
+def runtime_wheel(
+    source: Path,
+    wheel_dir: Path,
+    build: bool = True,
+    python: str = sys.executable,
+    timeout: float = WHEEL_TIMEOUT,
+) -> RuntimeWheel:
+    """The checkout's wheel in ``wheel_dir/<version>-<digest>/``, built when missing.
+
+    Other builds in ``wheel_dir`` are removed once a new one is in place.
+    """
+    version = checkout_version(source)
+    for name in WHEEL_INPUTS:
+        if not (source / name).exists():
+            raise ProjectImagesError(f"{source / name} is missing: {source} is no full checkout")
+    digest = inputs_digest([source / name for name in WHEEL_INPUTS]).split(":")[1][:16]
+    build_dir = wheel_dir / f"{version}-{digest}"
+    wheel = build_dir / f"enclave_runtime-{version}-py3-none-any.whl"
+    if wheel.is_file() or not build:
+        return RuntimeWheel(version, digest, wheel, built=False)
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=wheel_dir))
+    try:
+        _pip_wheel(source, staging, python, timeout)
+        if not (staging / wheel.name).is_file():
+            raise ProjectImagesError(
+                f"pip wheel of {source} made {sorted(p.name for p in staging.iterdir())}, "
+                f"not {wheel.name}"
+            )
+        shutil.rmtree(build_dir, ignore_errors=True)
+        staging.rename(build_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for other in wheel_dir.iterdir():
+        if other.is_dir() and other != build_dir and not other.name.startswith("."):
+            shutil.rmtree(other, ignore_errors=True)
+    return RuntimeWheel(version, digest, wheel, built=True)
+
+
 TAGS = {
     "runtime": runtime_image_tag,
     "sleeve-emulator": sleeve_emulator_image_tag,
@@ -259,12 +411,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     digest.add_argument("--extra", action="append", default=[], help="a string input (image ID)")
     tag = commands.add_parser("tag", help="print an image's tag")
     tag.add_argument("image", choices=sorted(TAGS))
+    wheel = commands.add_parser("runtime-wheel", help="build a checkout's wheel; print JSON")
+    wheel.add_argument("source", type=Path, help="the checkout (the directory of pyproject.toml)")
+    wheel.add_argument("wheel_dir", type=Path, help="where builds are kept")
+    wheel.add_argument("--no-build", action="store_true", help="only say where it would be")
+    provide = commands.add_parser("provide", help="pull REFERENCE as IMAGE's tag; print JSON")
+    provide.add_argument("image", choices=sorted(TAGS))
+    provide.add_argument("reference")
     args = parser.parse_args(argv)
     try:
         if args.command == "runtime-context":
             prepare_runtime_context(args.directory)
         elif args.command == "digest":
             print(inputs_digest(args.paths, args.extra))
+        elif args.command == "runtime-wheel":
+            built = runtime_wheel(args.source.resolve(), args.wheel_dir, not args.no_build)
+            print(json.dumps({**built.__dict__, "path": str(built.path)}))
+        elif args.command == "provide":
+            from enclave_runtime.host.docker_rootfs import docker_client  # noqa: PLC0415
+
+            provided = provide_image(docker_client(), args.reference, TAGS[args.image]())
+            print(json.dumps(provided.__dict__))
         else:
             print(TAGS[args.image]())
     except EnclaveOpsError as err:

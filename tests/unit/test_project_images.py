@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
+import docker
 import pytest
 
 import enclave_runtime
@@ -20,10 +24,13 @@ from enclave_runtime.host.project_images import (
     emulator_docker_run_args,
     ensure_project_images,
     inputs_digest,
+    main,
     prepare_runtime_context,
+    provide_image,
     runtime_command,
     runtime_entry_points,
     runtime_image_tag,
+    runtime_wheel,
     sleeve_emulator_image_tag,
     sleeve_nitro_image_tag,
 )
@@ -166,11 +173,6 @@ def test_a_failed_build_reports_the_scripts_status_and_last_words(tmp_path: Path
         ensure_project_images(script=script)
 
 
-def test_outside_a_source_tree_the_error_says_where_images_come_from(tmp_path: Path) -> None:
-    with pytest.raises(ProjectImagesError, match="source tree"):
-        ensure_project_images(script=tmp_path / "missing.sh")
-
-
 def test_the_build_script_refuses_an_unknown_option() -> None:
     result = subprocess.run(
         [str(REPO_ROOT / "scripts" / "build-images.sh"), "--fast"],
@@ -180,3 +182,157 @@ def test_the_build_script_refuses_an_unknown_option() -> None:
     )
     assert result.returncode == 2
     assert "unknown argument --fast" in result.stderr
+
+
+def test_outside_a_source_tree_the_error_says_how_to_get_the_images(tmp_path: Path) -> None:
+    with pytest.raises(ProjectImagesError) as raised:
+        ensure_project_images(script=tmp_path / "missing.sh")
+    message = str(raised.value)
+    assert "not in the wheel" in message
+    assert "docker save TAG | docker load" in message
+    assert "nitro_host_runtime_image" in message
+
+
+def _checkout(root: Path, version: str = "1.2.3") -> Path:
+    package = root / "enclave_runtime"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(f'"""Doc."""\n\n__version__ = "{version}"\n')
+    (root / "pyproject.toml").write_text("[project]\nname = 'enclave-runtime'\n")
+    (root / "README.md").write_text("readme\n")
+    return root
+
+
+def _fake_pip(tmp_path: Path) -> str:
+    """A `python` whose `-m pip wheel ... --wheel-dir DIR SRC` writes the wheel SRC would make."""
+    log = tmp_path / "pip-calls"
+    script = tmp_path / "fake-python"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {log}\n'
+        'version=$(sed -n \'s/^__version__ = "\\(.*\\)"/\\1/p\' "$7/enclave_runtime/__init__.py")\n'
+        'touch "$6/enclave_runtime-$version-py3-none-any.whl"\n'
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_the_wheel_is_named_by_version_and_source_digest_and_built_once(tmp_path: Path) -> None:
+    source = _checkout(tmp_path / "checkout")
+    python = _fake_pip(tmp_path)
+    wheels = tmp_path / "wheels"
+
+    first = runtime_wheel(source, wheels, python=python)
+    again = runtime_wheel(source, wheels, python=python)
+
+    assert first.built and not again.built
+    assert first.version == "1.2.3"
+    assert first.path == wheels / f"1.2.3-{first.digest}" / "enclave_runtime-1.2.3-py3-none-any.whl"
+    assert again.path == first.path and first.path.is_file()
+    assert len((tmp_path / "pip-calls").read_text().splitlines()) == 1
+    assert "wheel --no-deps --wheel-dir" in (tmp_path / "pip-calls").read_text()
+
+
+def test_byte_code_is_no_source_but_a_changed_module_is(tmp_path: Path) -> None:
+    source = _checkout(tmp_path / "checkout")
+    python = _fake_pip(tmp_path)
+    wheels = tmp_path / "wheels"
+    first = runtime_wheel(source, wheels, python=python)
+
+    (source / "enclave_runtime" / "__pycache__").mkdir()
+    (source / "enclave_runtime" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\0")
+    assert runtime_wheel(source, wheels, build=False).digest == first.digest
+
+    (source / "enclave_runtime" / "errors.py").write_text("# new\n")
+    changed = runtime_wheel(source, wheels, python=python)
+    assert changed.built and changed.digest != first.digest
+    assert [p.name for p in wheels.iterdir()] == [changed.path.parent.name]
+
+
+def test_without_build_the_wheel_is_only_named(tmp_path: Path) -> None:
+    source = _checkout(tmp_path / "checkout")
+    planned = runtime_wheel(source, tmp_path / "wheels", build=False)
+    assert not planned.built and not planned.path.exists()
+
+
+def test_a_directory_that_is_no_checkout_is_named_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(
+        ProjectImagesError, match=r"not an EnclaveOps checkout.*nitro_host_runtime_checkout"
+    ):
+        runtime_wheel(tmp_path, tmp_path / "wheels")
+
+
+def test_a_failed_pip_wheel_reports_its_last_words(tmp_path: Path) -> None:
+    source = _checkout(tmp_path / "checkout")
+    python = tmp_path / "broken-python"
+    python.write_text(
+        "#!/bin/sh\necho 'ERROR: No matching distribution for setuptools>=77' >&2\nexit 1\n"
+    )
+    python.chmod(0o755)
+    with pytest.raises(ProjectImagesError, match=r"exit status 1(.|\n)*setuptools>=77"):
+        runtime_wheel(source, tmp_path / "wheels", python=str(python))
+    assert list((tmp_path / "wheels").iterdir()) == []
+
+
+def test_the_checkouts_real_wheel_holds_the_package_without_byte_code(tmp_path: Path) -> None:
+    wheel = runtime_wheel(REPO_ROOT, tmp_path / "wheels")
+    assert wheel.path.name == f"enclave_runtime-{VERSION}-py3-none-any.whl"
+    names = zipfile.ZipFile(wheel.path).namelist()
+    assert "enclave_runtime/host/project_images.py" in names
+    assert f"enclave_runtime-{VERSION}.dist-info/entry_points.txt" in names
+    assert not [name for name in names if "__pycache__" in name]
+
+
+def test_the_helper_prints_the_planned_wheel_as_json(tmp_path: Path, capsys: Any) -> None:
+    source = _checkout(tmp_path / "checkout", "2.0.0")
+    assert main(["runtime-wheel", str(source), str(tmp_path / "wheels"), "--no-build"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["version"] == "2.0.0" and printed["built"] is False
+    assert printed["path"].endswith("enclave_runtime-2.0.0-py3-none-any.whl")
+
+
+class _Image:
+    def __init__(self, image_id: str) -> None:
+        self.id = image_id
+        self.tags: list[tuple[str, str]] = []
+
+    def tag(self, repository: str, tag: str) -> None:
+        self.tags.append((repository, tag))
+
+
+class _Images:
+    def __init__(self, known: dict[str, _Image]) -> None:
+        self.known = known
+
+    def get(self, name: str) -> _Image:
+        if name not in self.known:
+            raise docker.errors.ImageNotFound(name)
+        return self.known[name]
+
+
+class _Api:
+    def __init__(self) -> None:
+        self.pulls: list[tuple[str, str]] = []
+
+    def pull(self, repository: str, tag: str, **_: Any) -> list[dict[str, str]]:
+        self.pulls.append((repository, tag))
+        return [{"status": "Status: Image is up to date"}]
+
+
+class _Client:
+    def __init__(self, known: dict[str, _Image]) -> None:
+        self.images = _Images(known)
+        self.api = _Api()
+
+
+def test_a_registry_image_is_tagged_as_the_projects_once(tmp_path: Path) -> None:
+    pulled = _Image("sha256:abc")
+    client = _Client({"registry.example/enclaveops/runtime:1": pulled})
+
+    provided = provide_image(client, "registry.example/enclaveops/runtime:1", runtime_image_tag())
+    assert provided.changed and provided.image_id == "sha256:abc"
+    assert pulled.tags == [("enclaveops/runtime", VERSION)]
+
+    client.images.known[runtime_image_tag()] = pulled
+    again = provide_image(client, "registry.example/enclaveops/runtime:1", runtime_image_tag())
+    assert not again.changed and pulled.tags == [("enclaveops/runtime", VERSION)]
+    assert client.api.pulls == [("registry.example/enclaveops/runtime", "1")] * 2
