@@ -100,6 +100,7 @@ class Deployment:
             "enclave_manifest": str(self.manifest),
             "enclave_published_ports": [f"{host}:{port}" for port, host in self.ports.items()],
             "enclave_services": [{"name": "heartbeat", "state": "stopped"}],
+            "enclave_state_dir": str(self.work / "state"),
             **overrides,
         }
 
@@ -122,6 +123,17 @@ def _recap(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
     match = re.search(r"^localhost\s*:\s*(.*)$", result.stdout, re.MULTILINE)
     assert match, _output(result)
     return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
+
+
+def _task_outcome(result: subprocess.CompletedProcess[str], task: str) -> str:
+    """The status word (ok, changed, skipping...) the default callback printed for a task."""
+    match = re.search(
+        rf"^TASK \[enclaveops\.nitro\.enclave : {re.escape(task)}\][^\n]*\n(\w+)",
+        result.stdout,
+        re.MULTILINE,
+    )
+    assert match, _output(result)
+    return match.group(1)
 
 
 def _output(result: subprocess.CompletedProcess[str]) -> str:
@@ -187,6 +199,16 @@ def test_deploy_verify_idempotence_and_safe_replacement(deployment: Deployment) 
     heartbeat = {info.name: info for info in read_services(client)}["heartbeat"]
     assert heartbeat.state.value == "inactive"
     image, container = deployment.container_image(), deployment.container_id()
+    # The build read the manifest's copy in the work directory on the target, and its inputs
+    # digest does not depend on that path: the CLI finds the same build from the original.
+    copied = deployment.work / "state" / NAME / "enclaver.yaml"
+    assert copied.read_bytes() == deployment.manifest.read_bytes()
+    rebuilt = _run(
+        [str(VENV_BIN / "enclaveops"), "build", "-f", str(deployment.manifest), "--json"],
+        env=dict(os.environ, NITRO_EMU_ROOT=str(deployment.root)),
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert json.loads(rebuilt.stdout)["Skipped"] is True, rebuilt.stdout
 
     # 2. The same again changes nothing, and check mode predicts no change.
     again = deployment.play(**deployment.good())
@@ -197,7 +219,34 @@ def test_deploy_verify_idempotence_and_safe_replacement(deployment: Deployment) 
     assert checked.returncode == 0, _output(checked)
     assert _recap(checked)["changed"] == 0, _output(checked)
 
-    # 3. A replacement that boots and answers but does not attest: rolled back.
+    # 3. Check mode previews a service change on the enclave of the unchanged container...
+    started = [{"name": "heartbeat", "state": "started"}]
+    preview = deployment.play("--check", "--diff", **deployment.good(enclave_services=started))
+    assert preview.returncode == 0, _output(preview)
+    assert _task_outcome(preview, "Bring each in-enclave service to its desired state") == "changed"
+    assert {info.name: info for info in read_services(client)}["heartbeat"].state.value == (
+        "inactive"
+    )
+
+    # ... and a manifest change as the replacement of the running container, making neither.
+    manifest = yaml.safe_load(deployment.manifest.read_text())
+    manifest["egress"]["allow"].append("example.org")
+    changed_manifest = deployment.work / "changed" / "enclaver.yaml"
+    changed_manifest.parent.mkdir()
+    changed_manifest.write_text(yaml.safe_dump(manifest))
+    preview = deployment.play(
+        "--check", "--diff", **deployment.good(enclave_manifest=str(changed_manifest))
+    )
+    assert preview.returncode == 0, _output(preview)
+    predicted = "Predict the replacement by the rebuilt release image"
+    assert _task_outcome(preview, predicted) == "changed", _output(preview)
+    assert f"sleeve {NAME}: would replace the container running {image}" in " ".join(
+        preview.stdout.split()
+    ), _output(preview)
+    assert copied.read_bytes() == deployment.manifest.read_bytes()
+    assert deployment.container_id() == container
+
+    # 4. A replacement that boots and answers but does not attest: rolled back.
     tagged = _run(
         ["docker", "build", "-q", "--label", TEST_LABEL, "-t", OTHER_RELEASE_IMAGE, "-"],
         input=f"FROM {RELEASE_IMAGE}\nLABEL org.enclaveops.test.variant=other\n",
@@ -243,6 +292,18 @@ def _input_check(tmp_path: Path, variables: dict[str, Any]) -> subprocess.Comple
         (
             {"enclave_manifest": "/srv/a/enclaver.yaml", "enclave_eif": "/srv/a.eif"},
             "give exactly one of enclave_manifest (an enclaver.yaml to build)",
+        ),
+        (
+            {"enclave_manifest": "/srv/nowhere/enclaver.yaml"},
+            "enclave_manifest: /srv/nowhere/enclaver.yaml is not a file on the controller",
+        ),
+        (
+            {
+                "enclave_release_image": "registry.example/app-release:1",
+                "enclave_expected_pcrs": {"0": WRONG_PCR},
+                "enclave_deploy_mode": "bare",
+            },
+            "a bare enclave runs an EIF, not a release image: give enclave_eif",
         ),
         (
             {"enclave_release_image": "registry.example/app-release:1"},

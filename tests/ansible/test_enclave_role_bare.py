@@ -91,6 +91,17 @@ def _output(result: subprocess.CompletedProcess[str]) -> str:
     return f"exit {result.returncode}\n{result.stdout[-12000:]}\n{result.stderr[-4000:]}"
 
 
+def _task_outcome(result: subprocess.CompletedProcess[str], task: str) -> str:
+    """The status word (ok, changed, skipping...) the default callback printed for a task."""
+    match = re.search(
+        rf"^TASK \[enclaveops\.nitro\.enclave : {re.escape(task)}\][^\n]*\n(\w+)",
+        result.stdout,
+        re.MULTILINE,
+    )
+    assert match, _output(result)
+    return match.group(1)
+
+
 def _recap(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
     match = re.search(r"^localhost\s*:\s*(.*)$", result.stdout, re.MULTILINE)
     assert match, _output(result)
@@ -115,6 +126,7 @@ class Deployment:
     playbook: Path
     eif: Path
     other_eif: Path
+    manifest: Path
     measurements: dict[str, str]
 
     @property
@@ -229,7 +241,13 @@ def deployment(base_image: str) -> Iterator[Deployment]:  # noqa: F811
             )
         )
         yield Deployment(
-            work, root, playbook, work / "hello.eif", work / "other.eif", first["Measurements"]
+            work,
+            root,
+            playbook,
+            work / "hello.eif",
+            work / "other.eif",
+            work / "enclaver.yaml",
+            first["Measurements"],
         )
     finally:
         _run(
@@ -273,7 +291,25 @@ def test_bare_deploy_verify_idempotence_and_safe_replacement(deployment: Deploym
     assert _recap(checked)["changed"] == 0, _output(checked)
     assert deployment.running()["EnclaveID"] == enclave_id
 
-    # 3. Another EIF, expected to carry the first one's PCRs: it boots but cannot attest, so the
+    # 3. The same enclave from its manifest: the role copies the manifest to the target, finds
+    # the release image the CLI built from it (the inputs digest does not depend on the path),
+    # builds the EIF of its amended image with the same PCRs, and leaves the enclave alone.
+    from_manifest = deployment.good(enclave_eif="", enclave_manifest=str(deployment.manifest))
+    built = deployment.play(**from_manifest)
+    assert built.returncode == 0, _output(built)
+    build_task = "Build the release image from the manifest (skipped when its inputs are unchanged)"
+    assert _task_outcome(built, build_task) == "ok", _output(built)
+    deployed = json.loads((deployment.work / "deployment.json").read_text())
+    assert deployed["eif"] == str(deployment.work / "state" / NAME / "enclave.eif")
+    assert deployed["measurements"]["PCR0"] == pcr0
+    assert deployed["image"].startswith(f"{RELEASE_IMAGE}@sha256:")
+    assert deployed["verified_pcrs"]["0"] == pcr0
+    assert deployment.running()["EnclaveID"] == enclave_id
+    again = deployment.play(**from_manifest)
+    assert again.returncode == 0, _output(again)
+    assert _recap(again)["changed"] == 0, _output(again)
+
+    # 4. Another EIF, expected to carry the first one's PCRs: it boots but cannot attest, so the
     # role runs the last good EIF again and fails with the reason.
     bad = deployment.play(
         **deployment.good(
@@ -295,7 +331,7 @@ def test_bare_deploy_verify_idempotence_and_safe_replacement(deployment: Deploym
     assert deployment.attested_pcrs(cid)[0].hex() == pcr0
     assert deployment.last_good_eif.read_bytes() == deployment.eif.read_bytes()
 
-    # 4. A new enclave that cannot start (the pool's CPUs are taken), with nothing to go back to:
+    # 5. A new enclave that cannot start (the pool's CPUs are taken), with nothing to go back to:
     # the play says so, and the enclave that runs under the other name is left alone.
     unstartable = deployment.play(**deployment.good(enclave_name=f"{NAME}-new"))
     assert unstartable.returncode != 0
@@ -305,3 +341,21 @@ def test_bare_deploy_verify_idempotence_and_safe_replacement(deployment: Deploym
         "there was no previous deployment to restore, so the failed one was terminated" in failure
     ), _output(unstartable)
     assert deployment.running()["EnclaveID"] == restored["EnclaveID"]
+
+    # 6. A running enclave but no last good EIF (as after a deployment made without the role):
+    # the replacement terminated it, and the play says it cannot be restored.
+    unkept = deployment.play(
+        **deployment.good(
+            enclave_eif=str(deployment.other_eif),
+            enclave_expected_pcrs=deployment.measurements,
+            enclave_state_dir=str(deployment.work / "fresh-state"),
+        )
+    )
+    assert unkept.returncode != 0
+    failure = " ".join(unkept.stdout.split())
+    assert (
+        f"previous enclave {restored['EnclaveID']} was terminated and cannot be restored (no last "
+        f"good EIF at {deployment.work / 'fresh-state' / NAME}.eif), and the failed one was "
+        "terminated"
+    ) in failure, _output(unkept)
+    assert deployment.enclaves() == []
