@@ -110,6 +110,10 @@ class EifTooLargeError(EnclaveOpsError):
     """The EIF needs more memory than the manifest gives the enclave (nitro-cli's E26)."""
 
 
+class ReleaseEifMismatchError(EnclaveOpsError):
+    """The EIF inside a release image is not the one its labels record."""
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildOptions:
     """What ``enclaveops build`` takes besides the manifest. The paths may be given as strings
@@ -157,11 +161,23 @@ class BuildResult:
     inputs_digest: str
     skipped: bool
     reason: str
-    amended: str | None = None
+    # The amended image the EIF was built from; None when it is no longer present locally.
+    amended: AppendedImage | None = None
+    # Whether this call wrote ``BuildOptions.eif_output`` (in check mode: would write it); a
+    # skipped build copies the EIF out of the release image only when the file there is missing
+    # or another.
+    eif_written: bool = False
 
     @property
     def image(self) -> str:
         return f"{self.target}@{self.image_id}"
+
+    @property
+    def amended_image(self) -> str | None:
+        """The amended image as ``reference@id``, or None."""
+        if self.amended is None:
+            return None
+        return f"{self.amended.reference}@{self.amended.image_id}"
 
     def to_json(self) -> dict[str, Any]:
         document: dict[str, Any] = {
@@ -175,8 +191,8 @@ class BuildResult:
             "Skipped": self.skipped,
             "Reason": self.reason,
         }
-        if self.amended is not None:
-            document["AmendedImage"] = self.amended
+        if self.amended_image is not None:
+            document["AmendedImage"] = self.amended_image
         return document
 
 
@@ -270,9 +286,42 @@ def build(
     if existing is None:
         return _build_release(client, plan, options, reason, say)
     say(f"{existing.target} is up to date (inputs digest {plan.inputs_digest})")
-    if options.eif_output is not None:
-        extract_file(client, existing.image_id, "/" + RELEASE_EIF, options.eif_output)
-    return existing
+    if options.eif_output is None:
+        return existing
+    return provide_eif(client, existing, options.eif_output, say)
+
+
+def provide_eif(
+    client: DockerClient,
+    release: BuildResult,
+    output: Path,
+    say: Progress | None = None,
+    *,
+    check_mode: bool = False,
+) -> BuildResult:
+    """Make ``output`` the EIF of the up-to-date ``release``: left alone when it already is (same
+    SHA-256 as the release records), else copied out of the release image and checked. In check
+    mode nothing is copied; ``eif_written`` and the reason say whether it would be."""
+    missing = eif_output_reason(output, release.eif_sha256)
+    if missing is None:
+        return release
+    if check_mode:
+        reason = f"{release.reason}; {missing}: would copy the EIF out of the release image"
+        return dataclasses.replace(release, eif_written=True, reason=reason)
+    if say is not None:
+        say(f"{missing}: copying the EIF out of {release.target}")
+    extract_file(client, release.image_id, "/" + RELEASE_EIF, output, sha256=release.eif_sha256)
+    reason = f"{release.reason}; {missing}: copied the EIF out of the release image"
+    return dataclasses.replace(release, eif_written=True, reason=reason)
+
+
+def eif_output_reason(output: Path, sha256: str) -> str | None:
+    """Why ``output`` is not the EIF whose SHA-256 is ``sha256``; None when it is."""
+    if not output.is_file():
+        return f"{output} does not exist"
+    if file_sha256(output) != sha256:
+        return f"{output} is not the EIF of this build"
+    return None
 
 
 def existing_release(
@@ -292,7 +341,21 @@ def existing_release(
     found = up_to_date_release(client, target, plan.inputs_digest)
     if found is None:
         return None, rebuild_reason(client, target)
-    return dataclasses.replace(found, sources=plan.sources, builder=plan.builder), found.reason
+    found = dataclasses.replace(
+        found, sources=plan.sources, builder=plan.builder, amended=current_amended(client, plan)
+    )
+    return found, found.reason
+
+
+def current_amended(client: DockerClient, plan: BuildPlan) -> AppendedImage | None:
+    """The local amended image of the plan's target when it was made from the plan's inputs (a
+    skipped build reports it); None when it was removed or retagged since."""
+    reference = amended_reference(plan.manifest.target)
+    image = _local_image(client, reference)
+    digest = amend_inputs_digest(plan.images, plan.manifest_bytes)
+    if image is None or _labels(image).get(LABEL_AMEND_INPUTS) != digest:
+        return None
+    return AppendedImage(str(image.id), reference)
 
 
 def _build_release(
@@ -361,7 +424,8 @@ def _build_release(
         inputs_digest=plan.inputs_digest,
         skipped=False,
         reason=reason,
-        amended=f"{amended.reference}@{amended.image_id}",
+        amended=amended,
+        eif_written=options.eif_output is not None,
     )
 
 
@@ -627,6 +691,18 @@ def amended_config(app_attrs: Mapping[str, Any], labels: Mapping[str, str]) -> d
     return config
 
 
+def amend_inputs_digest(images: Mapping[str, tuple[str, Image]], manifest_bytes: bytes) -> str:
+    """What the amended image depends on (label :data:`LABEL_AMEND_INPUTS`)."""
+    inputs = {
+        "app": images["app"][1].id,
+        "odyn": images["odyn"][1].id,
+        "manifest": hashlib.sha256(manifest_bytes).hexdigest(),
+        "enclaveops": enclave_runtime.__version__,
+        "source_date_epoch": os.environ.get("SOURCE_DATE_EPOCH"),
+    }
+    return _digest(inputs)
+
+
 def amend(
     client: DockerClient,
     images: Mapping[str, tuple[str, Image]],
@@ -639,14 +715,7 @@ def amend(
     """The amended image of the release ``target``: reused when ``reference`` was made from the
     same inputs."""
     app, runtime = images["app"][1], images["odyn"][1]
-    inputs = {
-        "app": app.id,
-        "odyn": runtime.id,
-        "manifest": hashlib.sha256(manifest_bytes).hexdigest(),
-        "enclaveops": enclave_runtime.__version__,
-        "source_date_epoch": os.environ.get("SOURCE_DATE_EPOCH"),
-    }
-    digest = _digest(inputs)
+    digest = amend_inputs_digest(images, manifest_bytes)
     existing = _local_image(client, reference)
     if existing is not None and _labels(existing).get(LABEL_AMEND_INPUTS) == digest:
         return AppendedImage(str(existing.id), reference)
@@ -970,8 +1039,11 @@ def release_image(
         )
 
 
-def extract_file(client: DockerClient, image_id: str, path: str, output: Path) -> None:
-    """Copy one file out of an image (the EIF of an up-to-date release image)."""
+def extract_file(
+    client: DockerClient, image_id: str, path: str, output: Path, *, sha256: str | None = None
+) -> None:
+    """Copy one file out of an image (the EIF of an up-to-date release image) to ``output``,
+    replaced only once the copy is whole and, when ``sha256`` is given, has that digest."""
     docker = docker_module()
     try:
         container = client.containers.create(image_id, entrypoint=["/enclaveops-extract-only"])
@@ -985,10 +1057,22 @@ def extract_file(client: DockerClient, image_id: str, path: str, output: Path) -
             archive.seek(0)
             with replaced_on_success(output) as partial:
                 _write_single_member(archive, partial)
+                if sha256 is not None:
+                    _check_extracted(partial, sha256, image_id, path)
     except (docker.errors.DockerException, OSError) as err:
         raise DockerError(f"cannot copy {path} out of {image_id}: {err}") from None
     finally:
         container.remove(force=True)
+
+
+def _check_extracted(copy: Path, sha256: str, image_id: str, path: str) -> None:
+    found = file_sha256(copy)
+    if found != sha256:
+        raise ReleaseEifMismatchError(
+            f"{path} in the release image {image_id} has SHA-256 {found}, but the image's label "
+            f"{LABEL_EIF} records {sha256}: the image was altered after enclaveops built it; "
+            "build it again (enclaveops build --force, or the image module's force: true)"
+        )
 
 
 def _write_single_member(archive: IO[bytes], output: Path) -> None:

@@ -6,8 +6,10 @@ images earlier builds left."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +20,23 @@ from enclave_runtime.formats.eif import build_eif
 from enclave_runtime.formats.manifest import load_manifest
 from enclave_runtime.formats.pcr import Measurements, pcr_of
 from enclave_runtime.host.build_pipeline import (
+    LABEL_AMEND_INPUTS,
     LABEL_EIF,
     LABEL_INPUTS,
     LABEL_MEASUREMENTS,
     LABEL_TARGET,
     BuilderChoiceError,
     BuildOptions,
+    BuildResult,
     EifTooLargeError,
+    ReleaseEifMismatchError,
     SourceImage,
     SourceImageError,
+    amend_inputs_digest,
     amended_config,
     amended_reference,
     blobs_digests,
+    build,
     build_inputs,
     check_architectures,
     check_memory,
@@ -552,6 +559,159 @@ def test_an_output_that_cannot_be_written_names_the_directory(tmp_path) -> None:
     assert str(err.value).startswith(
         f"no space left on the device of {tmp_path}: about 2 MB are needed"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# A skipped build: the amended image and the EIF of the release image
+
+RELEASE_EIF_BYTES = b"the EIF inside the release image"
+
+
+class FakeContainer:
+    def __init__(self, engine: ReleaseEngine) -> None:
+        self.engine = engine
+
+    def get_archive(self, path: str) -> tuple[list[bytes], dict[str, Any]]:
+        self.engine.copied.append(path)
+        archive = io.BytesIO()
+        with tarfile.open(fileobj=archive, mode="w") as tar:
+            member = tarfile.TarInfo(Path(path).name)
+            member.size = len(self.engine.eif)
+            tar.addfile(member, io.BytesIO(self.engine.eif))
+        return [archive.getvalue()], {"name": Path(path).name}
+
+    def remove(self, force: bool) -> None:
+        self.engine.removed_containers += 1
+
+
+class ReleaseEngine(FakeEngine):
+    """A FakeEngine holding an up-to-date release image of ``manifest_path`` (labels as a build
+    writes them), its amended image, and containers that give the EIF inside the release."""
+
+    def __init__(self, manifest_path: Path, amended_digest: str | None = None) -> None:
+        super().__init__(_local_sources())
+        self.containers = self
+        self.copied: list[str] = []
+        self.removed_containers = 0
+        self.eif = RELEASE_EIF_BYTES
+        plan = plan_build(manifest_path, BuildOptions(builder="native"), self)
+        self.known["example/hello-release:1.0"] = {
+            "Id": "sha256:rel",
+            "Config": {
+                "Labels": {
+                    LABEL_INPUTS: plan.inputs_digest,
+                    LABEL_MEASUREMENTS: json.dumps(PCRS.to_nitro_cli()),
+                    LABEL_EIF: json.dumps(
+                        {
+                            "SHA256": hashlib.sha256(RELEASE_EIF_BYTES).hexdigest(),
+                            "Size": len(RELEASE_EIF_BYTES),
+                        }
+                    ),
+                }
+            },
+        }
+        digest = amended_digest or amend_inputs_digest(plan.images, plan.manifest_bytes)
+        self.known["example/hello-release-amended:1.0"] = {
+            "Id": "sha256:am",
+            "Config": {"Labels": {LABEL_AMEND_INPUTS: digest}},
+        }
+
+    def create(self, image_id: str, entrypoint: list[str]) -> FakeContainer:
+        assert image_id == "sha256:rel"
+        return FakeContainer(self)
+
+
+def _skipped_build(engine: ReleaseEngine, manifest_path: Path, eif: Path | None) -> BuildResult:
+    return build(manifest_path, BuildOptions(builder="native", eif_output=eif), client=engine)
+
+
+def test_a_skipped_build_reports_the_amended_image_it_was_made_from(manifest_path) -> None:
+    result = _skipped_build(ReleaseEngine(manifest_path), manifest_path, None)
+
+    assert result.skipped and not result.eif_written
+    assert (result.amended.reference, result.amended.image_id) == (
+        "example/hello-release-amended:1.0",
+        "sha256:am",
+    )
+    assert result.to_json()["AmendedImage"] == "example/hello-release-amended:1.0@sha256:am"
+
+
+def test_an_amended_image_from_other_inputs_is_not_reported(manifest_path) -> None:
+    engine = ReleaseEngine(manifest_path, amended_digest="sha256:another-build")
+
+    result = _skipped_build(engine, manifest_path, None)
+
+    assert result.skipped and result.amended is None
+    assert "AmendedImage" not in result.to_json()
+
+
+def test_a_skipped_build_copies_a_missing_eif_out_of_the_release_image(
+    manifest_path, tmp_path
+) -> None:
+    engine = ReleaseEngine(manifest_path)
+    eif = tmp_path / "out" / "hello.eif"
+    eif.parent.mkdir()
+
+    result = _skipped_build(engine, manifest_path, eif)
+
+    assert eif.read_bytes() == RELEASE_EIF_BYTES
+    assert (result.skipped, result.eif_written) == (True, True)
+    assert engine.copied == ["/enclave/application.eif"]
+    assert engine.removed_containers == 1
+    assert result.reason == (
+        "inputs unchanged: example/hello-release:1.0 already holds this build; "
+        f"{eif} does not exist: copied the EIF out of the release image"
+    )
+    assert [path.name for path in eif.parent.iterdir()] == ["hello.eif"]
+
+
+def test_a_skipped_build_leaves_the_eif_alone_when_it_is_the_builds(
+    manifest_path, tmp_path
+) -> None:
+    engine = ReleaseEngine(manifest_path)
+    eif = tmp_path / "hello.eif"
+    eif.write_bytes(RELEASE_EIF_BYTES)
+
+    result = _skipped_build(engine, manifest_path, eif)
+
+    assert (result.skipped, result.eif_written, engine.copied) == (True, False, [])
+    assert result.reason == "inputs unchanged: example/hello-release:1.0 already holds this build"
+
+
+def test_a_skipped_build_replaces_another_eif_with_the_builds(manifest_path, tmp_path) -> None:
+    eif = tmp_path / "hello.eif"
+    eif.write_bytes(b"the EIF of an older build")
+
+    result = _skipped_build(ReleaseEngine(manifest_path), manifest_path, eif)
+
+    assert eif.read_bytes() == RELEASE_EIF_BYTES
+    assert result.eif_written
+    assert result.reason.endswith(
+        f"{eif} is not the EIF of this build: copied the EIF out of the release image"
+    )
+
+
+def test_an_eif_in_the_release_that_differs_from_its_label_is_refused(
+    manifest_path, tmp_path
+) -> None:
+    engine = ReleaseEngine(manifest_path)
+    engine.eif = b"an EIF put into the image by hand"
+    eif = tmp_path / "hello.eif"
+    eif.write_bytes(b"the EIF of an older build")
+
+    with pytest.raises(ReleaseEifMismatchError) as err:
+        _skipped_build(engine, manifest_path, eif)
+
+    expected = hashlib.sha256(RELEASE_EIF_BYTES).hexdigest()
+    found = hashlib.sha256(engine.eif).hexdigest()
+    assert str(err.value) == (
+        f"/enclave/application.eif in the release image sha256:rel has SHA-256 {found}, but the "
+        f"image's label {LABEL_EIF} records {expected}: the image was altered after enclaveops "
+        "built it; build it again (enclaveops build --force, or the image module's force: true)"
+    )
+    assert eif.read_bytes() == b"the EIF of an older build"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["enclaver.yaml", "hello.eif"]
+    assert engine.removed_containers == 1
 
 
 # --------------------------------------------------------------------------------------------

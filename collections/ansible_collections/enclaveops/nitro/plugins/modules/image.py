@@ -61,20 +61,32 @@ options:
       - Build even when the inputs are unchanged.
     type: bool
     default: false
+  eif_output:
+    description:
+      - Also write the release image's EIF to this path (to run it as a bare enclave with
+        M(enclaveops.nitro.enclave)). It is written beside the path under a temporary name and
+        renamed over it once whole, so the path never holds half an EIF.
+      - When the build is skipped, a file already there with the SHA-256 the release image
+        records is left alone; a missing or different one is copied out of the release image,
+        checked against that SHA-256 and reported as a change.
+      - The directory must exist.
+    type: path
 extends_documentation_fragment:
   - enclaveops.nitro.nitro
   - enclaveops.nitro.attributes
 attributes:
   check_mode:
     support: full
-    description: Resolves the local sources and computes the inputs digest, building and pulling
-      nothing. With O(pull=true) it reports C(changed), as the pull may bring a new image.
+    description: Resolves the local sources and computes the inputs digest, building, pulling and
+      writing nothing. With O(pull=true) it reports C(changed), as the pull may bring a new image;
+      with O(eif_output) it reports C(changed) when that file is missing or not the build's EIF.
   diff_mode:
     support: none
     description: Images are not diffed; RV(reason) says why the image is (re)built.
   idempotent:
     support: full
-    description: Unchanged inputs leave the release image alone (C(changed=false)).
+    description: Unchanged inputs leave the release image, and an O(eif_output) that holds its
+      EIF, alone (C(changed=false)).
 notes:
   - Needs the Docker SDK for Python and a Docker engine on the target (O(docker_host)).
   - The project's runtime and sleeve images are built by C(scripts/build-images.sh).
@@ -89,6 +101,19 @@ EXAMPLES = r"""
     manifest: /srv/hello/enclaver.yaml
     builder: native
   register: hello_image
+
+- name: Build it and keep its EIF, to run as a bare enclave
+  enclaveops.nitro.image:
+    manifest: /srv/hello/enclaver.yaml
+    eif_output: /var/lib/enclaveops/hello.eif
+  register: hello_build
+
+- name: Run the EIF of that build
+  enclaveops.nitro.enclave:
+    name: hello
+    eif_path: "{{ hello_build.eif.path }}"
+    cpu_count: 2
+    memory_mib: 1024
 
 - name: Run it
   enclaveops.nitro.sleeve:
@@ -139,6 +164,41 @@ inputs_digest:
     image is missing locally and a real run would pull it.
   returned: always
   type: str
+amended:
+  description:
+    - The amended image the EIF was built from (the app image + the runtime + the manifest,
+      tagged C(<target repository>-amended:<tag>)).
+    - Null when check mode would build, or when the build was skipped and that image was
+      removed or retagged since (the release image does not need it).
+  returned: always
+  type: dict
+  contains:
+    reference:
+      description: Its tag.
+      type: str
+      sample: "enclaveops-examples/hello-release-amended:latest"
+    image_id:
+      description: Its image ID.
+      type: str
+      sample: "sha256:319b2c0e..."
+eif:
+  description:
+    - The EIF at O(eif_output), which is the release image's.
+    - Null without O(eif_output), and when check mode would build.
+  returned: always
+  type: dict
+  contains:
+    path:
+      description: O(eif_output).
+      type: str
+      sample: /var/lib/enclaveops/hello.eif
+    sha256:
+      description: Its SHA-256 (RV(eif_digest)).
+      type: str
+    size:
+      description: Its size in bytes.
+      type: int
+      sample: 203960409
 builder:
   description: The EIF builder (V(nitro-cli) or V(native)).
   returned: always
@@ -169,13 +229,28 @@ def build_options(pipeline, module):
         nitro_cli=params["nitro_cli_path"] or "nitro-cli",
         blobs=params["blobs"],
         force=params["force"],
+        eif_output=params["eif_output"],
     )
 
 
-def built_result(build):
+def amended_result(build):
+    """The amended image as RETURN documents it, or None."""
+    if build.amended is None:
+        return None
+    return dict(reference=build.amended.reference, image_id=build.amended.image_id)
+
+
+def eif_result(build, eif_output):
+    """The EIF at eif_output: the release image's, so its digest and size are the build's."""
+    if eif_output is None:
+        return None
+    return dict(path=eif_output, sha256=build.eif_sha256, size=build.eif_size)
+
+
+def built_result(build, eif_output):
     document = build.to_json()
     return dict(
-        changed=not build.skipped,
+        changed=not build.skipped or build.eif_written,
         sources=document["Sources"],
         measurements=document["Measurements"],
         image=build.image,
@@ -184,6 +259,8 @@ def built_result(build):
         inputs_digest=build.inputs_digest,
         builder=build.builder,
         reason=build.reason,
+        amended=amended_result(build),
+        eif=eif_result(build, eif_output),
     )
 
 
@@ -192,7 +269,9 @@ def predicted_result(pipeline, client, module, options):
     plan = pipeline.plan_build(module.params["manifest"], options, client, check_mode=True)
     existing, reason = pipeline.existing_release(client, plan, force=options.force)
     if existing is not None:
-        return built_result(existing)
+        if options.eif_output is not None:
+            existing = pipeline.provide_eif(client, existing, options.eif_output, check_mode=True)
+        return built_result(existing, module.params["eif_output"])
     return dict(
         changed=True,
         sources={source.name: source.to_json() for source in plan.sources},
@@ -203,6 +282,8 @@ def predicted_result(pipeline, client, module, options):
         inputs_digest=plan.inputs_digest,
         builder=plan.builder,
         reason=reason,
+        amended=None,
+        eif=None,
     )
 
 
@@ -222,7 +303,7 @@ def run(module):
         fail_from_error(
             module, err, f"cannot build the release image of {module.params['manifest']}"
         )
-    module.exit_json(**built_result(build))
+    module.exit_json(**built_result(build, module.params["eif_output"]))
 
 
 def main():
@@ -233,6 +314,7 @@ def main():
             builder=dict(type="str", choices=["auto", "nitro-cli", "native"], default="auto"),
             blobs=dict(type="path"),
             force=dict(type="bool", default=False),
+            eif_output=dict(type="path"),
         ),
         supports_check_mode=True,
     )

@@ -16,6 +16,7 @@ from ansible_collections.enclaveops.nitro.plugins.modules import image
 pipeline = pytest.importorskip("enclave_runtime.host.build_pipeline")
 docker_rootfs = pytest.importorskip("enclave_runtime.host.docker_rootfs")
 pcr = pytest.importorskip("enclave_runtime.formats.pcr")
+image_layers = pytest.importorskip("enclave_runtime.host.image_layers")
 
 TARGET = "hello-release:latest"
 MEASUREMENTS = pcr.Measurements(bytes(48), b"\x01" * 48, b"\x02" * 48)
@@ -30,19 +31,25 @@ class FakeManifest:
     target = TARGET
 
 
-def result(skipped: bool) -> Any:
+EIF = b"the EIF of the release image"
+EIF_SHA256 = hashlib.sha256(EIF).hexdigest()
+AMENDED = image_layers.AppendedImage("sha256:am", "hello-release-amended:latest")
+
+
+def result(skipped: bool, eif_written: bool = False) -> Any:
     return pipeline.BuildResult(
         target=TARGET,
         image_id="sha256:rel",
         sources=SOURCES,
         measurements=MEASUREMENTS,
-        eif_sha256="ee" * 32,
-        eif_size=100,
+        eif_sha256=EIF_SHA256,
+        eif_size=len(EIF),
         builder="native",
         inputs_digest="sha256:in",
         skipped=skipped,
         reason="inputs unchanged: …" if skipped else "no local image hello-release:latest",
-        amended=None if skipped else "hello-release-amended:latest@sha256:am",
+        amended=AMENDED,
+        eif_written=eif_written,
     )
 
 
@@ -68,7 +75,13 @@ class Pipeline:
         self.calls.append(("build", options))
         if manifest == "broken.yaml":
             raise pipeline.SourceImageError("sources.app in broken.yaml: the image 'x' is missing")
-        return result(skipped=self.up_to_date and not options.force)
+        skipped = self.up_to_date and not options.force
+        # The pipeline writes eif_output on a build, and on a skipped one when it is not the EIF.
+        output = options.eif_output
+        written = output is not None and (
+            not skipped or pipeline.eif_output_reason(output, EIF_SHA256) is not None
+        )
+        return result(skipped=skipped, eif_written=written)
 
 
 @pytest.fixture
@@ -92,7 +105,7 @@ def test_a_build_reports_the_image_the_measurements_and_why(run_module, fake) ->
     assert built["image"] == "hello-release:latest@sha256:rel"
     assert built["measurements"] == MEASUREMENTS.to_nitro_cli()
     assert built["sources"]["app"] == {"Reference": "hello:latest", "ImageID": "sha256:a"}
-    assert (built["eif_digest"], built["image_id"]) == ("ee" * 32, "sha256:rel")
+    assert (built["eif_digest"], built["image_id"]) == (EIF_SHA256, "sha256:rel")
     assert built["reason"] == "no local image hello-release:latest"
     ((_call, options),) = stand_in.calls
     assert (options.pull, str(options.blobs), options.builder) == (True, "/b", "auto")
@@ -151,3 +164,76 @@ def test_blobs_given_as_a_string_reach_the_nitro_cli_builder_as_a_directory(
     assert pipeline.blobs_digests(options.builder, options, "amd64") == {
         "bzImage": hashlib.sha256(b"kernel").hexdigest()
     }
+
+
+def test_the_amended_image_is_reported_by_reference_and_id(run_module, fake) -> None:
+    fake(up_to_date=True)
+
+    built = run_module(image.main, {"manifest": "enclaver.yaml"})
+
+    assert built["amended"] == {
+        "reference": "hello-release-amended:latest",
+        "image_id": "sha256:am",
+    }
+    assert built["eif"] is None
+
+
+def test_eif_output_reaches_the_pipeline_and_is_reported(run_module, fake, tmp_path) -> None:
+    stand_in = fake(up_to_date=False)
+    output = tmp_path / "hello.eif"
+
+    built = run_module(image.main, {"manifest": "enclaver.yaml", "eif_output": str(output)})
+
+    ((_call, options),) = stand_in.calls
+    assert options.eif_output == output
+    assert built["changed"] is True
+    assert built["eif"] == {"path": str(output), "sha256": EIF_SHA256, "size": len(EIF)}
+
+
+def test_a_skipped_build_that_writes_the_eif_is_a_change_and_then_not(
+    run_module, fake, tmp_path
+) -> None:
+    fake(up_to_date=True)
+    output = tmp_path / "hello.eif"
+    args = {"manifest": "enclaver.yaml", "eif_output": str(output)}
+
+    assert run_module(image.main, args)["changed"] is True  # copied out of the release image
+    output.write_bytes(EIF)
+    assert run_module(image.main, args)["changed"] is False
+
+
+def test_check_mode_predicts_whether_the_eif_would_be_copied_out(
+    run_module, fake, tmp_path
+) -> None:
+    stand_in = fake(up_to_date=True)
+    output = tmp_path / "hello.eif"
+    args = {"manifest": "enclaver.yaml", "eif_output": str(output)}
+
+    missing = run_module(image.main, args, check_mode=True)
+    assert not output.exists()  # check mode writes nothing
+    output.write_bytes(b"an older EIF")
+    other = run_module(image.main, args, check_mode=True)
+    output.write_bytes(EIF)
+    current = run_module(image.main, args, check_mode=True)
+
+    assert [call for call, _options in stand_in.calls] == ["plan"] * 3
+    assert (missing["changed"], other["changed"], current["changed"]) == (True, True, False)
+    assert missing["reason"] == (
+        f"inputs unchanged: …; {output} does not exist: would copy the EIF out of the release image"
+    )
+    assert other["reason"].endswith(
+        f"{output} is not the EIF of this build: would copy the EIF out of the release image"
+    )
+    assert current["eif"] == {"path": str(output), "sha256": EIF_SHA256, "size": len(EIF)}
+
+
+def test_check_mode_that_would_build_reports_no_eif_and_no_amended_image(
+    run_module, fake, tmp_path
+) -> None:
+    fake(up_to_date=False)
+    args = {"manifest": "enclaver.yaml", "eif_output": str(tmp_path / "hello.eif")}
+
+    predicted = run_module(image.main, args, check_mode=True)
+
+    assert (predicted["changed"], predicted["eif"], predicted["amended"]) == (True, None, None)
+    assert not (tmp_path / "hello.eif").exists()
