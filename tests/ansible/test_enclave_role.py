@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -28,11 +26,20 @@ import yaml
 
 from enclave_runtime.host.project_images import ensure_project_images
 from enclave_runtime.host.service_state import enclave_init_client, read_services
-from tests.conftest import REPO_ROOT
+from tests.ansible.role_support import (
+    VENV_BIN,
+    build_app_image,
+    output,
+    play,
+    recap,
+    run,
+    task_outcome,
+    terminate_all,
+    write_hello_manifest,
+    write_playbook,
+)
 from tests.e2e.conftest import base_image  # noqa: F401 (the fixture: the local Debian base image)
 
-VENV_BIN = Path(sys.executable).parent
-EXAMPLE = REPO_ROOT / "examples" / "hello"
 NAME = "role-hello"
 APP_IMAGE = "enclaveops-test/role-hello:latest"
 RELEASE_IMAGE = "enclaveops-test/role-hello-release:latest"
@@ -42,41 +49,12 @@ AMENDED_IMAGE = "enclaveops-test/role-hello-release-amended:latest"  # the build
 OTHER_RELEASE_IMAGE = "enclaveops-test/role-hello-release:other"
 TEST_LABEL = "org.enclaveops.test=enclave-role"
 WRONG_PCR = "00" * 48
-PLAYBOOK = """\
-- name: Deploy with the enclave role
-  hosts: localhost
-  gather_facts: false
-  module_defaults:
-    group/enclaveops.nitro.nitro:
-      nitro_cli_path: {nitro_emu}
-      emulator_root: {root}
-  environment:
-    NITRO_EMU_ROOT: {root}
-    NITRO_EMU_ALLOCATOR: {allocator}
-  roles:
-    - role: enclaveops.nitro.enclave
-  post_tasks:
-    - name: Record the deployment for the test
-      ansible.builtin.copy:
-        content: "{{{{ enclave_deployment | to_json }}}}"
-        dest: {work}/deployment.json
-        mode: "0600"
-      when: not ansible_check_mode
-"""
 
 
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def _run(
-    command: list[str], timeout: float = 900, **options: Any
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, check=False, **options
-    )
 
 
 @dataclass
@@ -88,12 +66,7 @@ class Deployment:
     ports: dict[int, int]
 
     def play(self, *options: str, **variables: Any) -> subprocess.CompletedProcess[str]:
-        extra = self.work / "vars.json"
-        extra.write_text(json.dumps(variables))
-        env = dict(os.environ, ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
-        command = [str(VENV_BIN / "ansible-playbook"), str(self.playbook), "-e", f"@{extra}"]
-        command += options
-        return _run(command, cwd=REPO_ROOT, env=env)
+        return play(self.playbook, self.work, *options, **variables)
 
     def good(self, **overrides: Any) -> dict[str, Any]:
         return {
@@ -110,34 +83,13 @@ class Deployment:
             return response.read()
 
     def container_image(self) -> str:
-        result = _run(["docker", "container", "inspect", "--format", "{{.Image}}", NAME])
+        result = run(["docker", "container", "inspect", "--format", "{{.Image}}", NAME])
         assert result.returncode == 0, result.stderr
         return result.stdout.strip()
 
     def container_id(self) -> str:
-        result = _run(["docker", "container", "inspect", "--format", "{{.Id}}", NAME])
+        result = run(["docker", "container", "inspect", "--format", "{{.Id}}", NAME])
         return result.stdout.strip()
-
-
-def _recap(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
-    match = re.search(r"^localhost\s*:\s*(.*)$", result.stdout, re.MULTILINE)
-    assert match, _output(result)
-    return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
-
-
-def _task_outcome(result: subprocess.CompletedProcess[str], task: str) -> str:
-    """The status word (ok, changed, skipping...) the default callback printed for a task."""
-    match = re.search(
-        rf"^TASK \[enclaveops\.nitro\.enclave : {re.escape(task)}\][^\n]*\n(\w+)",
-        result.stdout,
-        re.MULTILINE,
-    )
-    assert match, _output(result)
-    return match.group(1)
-
-
-def _output(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\n{result.stdout[-12000:]}\n{result.stderr[-4000:]}"
 
 
 def _answers(deployment: Deployment, timeout: float = 30) -> bytes:
@@ -157,31 +109,13 @@ def deployment(base_image: str) -> Iterator[Deployment]:  # noqa: F811
     ensure_project_images(base_image=base_image)
     work = Path(tempfile.mkdtemp(prefix="erole", dir="/tmp"))  # short: Unix socket paths
     root = work / "emu"
-    allocator = work / "allocator.yaml"
-    allocator.write_text("---\nmemory_mib: 2048\ncpu_count: 2\n")
-    build = _run(
-        [
-            "docker", "build", "-q", "--label", TEST_LABEL, "--build-arg",
-            f"BASE_IMAGE={base_image}", "-t", APP_IMAGE, str(EXAMPLE),
-        ]
-    )  # fmt: skip
-    assert build.returncode == 0, build.stderr
-    manifest = yaml.safe_load((EXAMPLE / "enclaver.yaml").read_text())
-    manifest.update(name=NAME, target=RELEASE_IMAGE)
-    manifest["sources"]["app"] = APP_IMAGE
-    manifest_path = work / "enclaver.yaml"
-    manifest_path.write_text(yaml.safe_dump(manifest))
-    playbook = work / "deploy.yml"
-    playbook.write_text(
-        PLAYBOOK.format(nitro_emu=VENV_BIN / "nitro-emu", root=root, allocator=allocator, work=work)
-    )
+    build_app_image(base_image, APP_IMAGE, TEST_LABEL)
+    manifest_path = write_hello_manifest(work / "enclaver.yaml", NAME, APP_IMAGE, RELEASE_IMAGE)
+    playbook = write_playbook(work, root)
     yield Deployment(work, root, playbook, manifest_path, {8080: _free_port(), 9101: _free_port()})
-    _run(["docker", "rm", "-f", NAME])
-    _run(
-        [str(VENV_BIN / "nitro-emu"), "terminate-enclave", "--all"],
-        env=dict(os.environ, NITRO_EMU_ROOT=str(root)),
-    )
-    _run(["docker", "rmi", "-f", OTHER_RELEASE_IMAGE, RELEASE_IMAGE, AMENDED_IMAGE, APP_IMAGE])
+    run(["docker", "rm", "-f", NAME])
+    terminate_all(root)
+    run(["docker", "rmi", "-f", OTHER_RELEASE_IMAGE, RELEASE_IMAGE, AMENDED_IMAGE, APP_IMAGE])
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -191,7 +125,7 @@ def deployment(base_image: str) -> Iterator[Deployment]:  # noqa: F811
 def test_deploy_verify_idempotence_and_safe_replacement(deployment: Deployment) -> None:
     # 1. A first deployment: built, running, answering, attested, services applied.
     first = deployment.play(**deployment.good())
-    assert first.returncode == 0, _output(first)
+    assert first.returncode == 0, output(first)
     assert deployment.get() == b"hello from the enclave\n"
     deployed = json.loads((deployment.work / "deployment.json").read_text())
     assert deployed["verified_pcrs"]["0"] == deployed["measurements"]["PCR0"]
@@ -203,7 +137,7 @@ def test_deploy_verify_idempotence_and_safe_replacement(deployment: Deployment) 
     # digest does not depend on that path: the CLI finds the same build from the original.
     copied = deployment.work / "state" / NAME / "enclaver.yaml"
     assert copied.read_bytes() == deployment.manifest.read_bytes()
-    rebuilt = _run(
+    rebuilt = run(
         [str(VENV_BIN / "enclaveops"), "build", "-f", str(deployment.manifest), "--json"],
         env=dict(os.environ, NITRO_EMU_ROOT=str(deployment.root)),
     )
@@ -212,18 +146,18 @@ def test_deploy_verify_idempotence_and_safe_replacement(deployment: Deployment) 
 
     # 2. The same again changes nothing, and check mode predicts no change.
     again = deployment.play(**deployment.good())
-    assert again.returncode == 0, _output(again)
-    assert _recap(again)["changed"] == 0, _output(again)
+    assert again.returncode == 0, output(again)
+    assert recap(again)["changed"] == 0, output(again)
     assert deployment.container_id() == container
     checked = deployment.play("--check", "--diff", **deployment.good())
-    assert checked.returncode == 0, _output(checked)
-    assert _recap(checked)["changed"] == 0, _output(checked)
+    assert checked.returncode == 0, output(checked)
+    assert recap(checked)["changed"] == 0, output(checked)
 
     # 3. Check mode previews a service change on the enclave of the unchanged container...
     started = [{"name": "heartbeat", "state": "started"}]
     preview = deployment.play("--check", "--diff", **deployment.good(enclave_services=started))
-    assert preview.returncode == 0, _output(preview)
-    assert _task_outcome(preview, "Bring each in-enclave service to its desired state") == "changed"
+    assert preview.returncode == 0, output(preview)
+    assert task_outcome(preview, "Bring each in-enclave service to its desired state") == "changed"
     assert {info.name: info for info in read_services(client)}["heartbeat"].state.value == (
         "inactive"
     )
@@ -237,17 +171,17 @@ def test_deploy_verify_idempotence_and_safe_replacement(deployment: Deployment) 
     preview = deployment.play(
         "--check", "--diff", **deployment.good(enclave_manifest=str(changed_manifest))
     )
-    assert preview.returncode == 0, _output(preview)
+    assert preview.returncode == 0, output(preview)
     predicted = "Predict the replacement by the rebuilt release image"
-    assert _task_outcome(preview, predicted) == "changed", _output(preview)
+    assert task_outcome(preview, predicted) == "changed", output(preview)
     assert f"sleeve {NAME}: would replace the container running {image}" in " ".join(
         preview.stdout.split()
-    ), _output(preview)
+    ), output(preview)
     assert copied.read_bytes() == deployment.manifest.read_bytes()
     assert deployment.container_id() == container
 
     # 4. A replacement that boots and answers but does not attest: rolled back.
-    tagged = _run(
+    tagged = run(
         ["docker", "build", "-q", "--label", TEST_LABEL, "-t", OTHER_RELEASE_IMAGE, "-"],
         input=f"FROM {RELEASE_IMAGE}\nLABEL org.enclaveops.test.variant=other\n",
     )
@@ -267,8 +201,8 @@ def test_deploy_verify_idempotence_and_safe_replacement(deployment: Deployment) 
     assert (
         "deployment failed at Verify attestation against the PCRs the build measured: "
         f"attestation failed: pcr 0: expected {WRONG_PCR}"
-    ) in failure, _output(bad)
-    assert f"previous deployment restored (image {image})" in failure, _output(bad)
+    ) in failure, output(bad)
+    assert f"previous deployment restored (image {image})" in failure, output(bad)
     assert deployment.container_image() == image
     assert _answers(deployment) == b"hello from the enclave\n"
 
@@ -279,11 +213,7 @@ def _input_check(tmp_path: Path, variables: dict[str, Any]) -> subprocess.Comple
         "- name: Check the inputs\n  hosts: localhost\n  gather_facts: false\n"
         "  roles:\n    - role: enclaveops.nitro.enclave\n"
     )
-    extra = tmp_path / "vars.json"
-    extra.write_text(json.dumps(variables))
-    env = dict(os.environ, ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
-    command = [str(VENV_BIN / "ansible-playbook"), str(playbook), "-e", f"@{extra}"]
-    return _run(command, timeout=120, cwd=REPO_ROOT, env=env)
+    return play(playbook, tmp_path, timeout=120, **variables)
 
 
 @pytest.mark.parametrize(
@@ -324,4 +254,4 @@ def test_inputs_that_cannot_deploy_fail_first_with_what_to_give(
 ) -> None:
     result = _input_check(tmp_path, variables)
     assert result.returncode != 0
-    assert message in " ".join(result.stdout.split()), _output(result)
+    assert message in " ".join(result.stdout.split()), output(result)

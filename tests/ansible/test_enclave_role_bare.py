@@ -12,10 +12,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from enclave_runtime.host.attestation_client import (
     AttestationSource,
@@ -35,11 +32,20 @@ from enclave_runtime.host.attestation_client import (
 from enclave_runtime.host.project_images import ensure_project_images
 from enclave_runtime.host.service_state import enclave_init_client, read_services
 from enclave_runtime.transport.vsock import EmulatedFabric
-from tests.conftest import REPO_ROOT
+from tests.ansible.role_support import (
+    VENV_BIN,
+    build_app_image,
+    output,
+    play,
+    recap,
+    run,
+    task_outcome,
+    terminate_all,
+    write_hello_manifest,
+    write_playbook,
+)
 from tests.e2e.conftest import base_image  # noqa: F401 (the fixture: the local Debian base image)
 
-VENV_BIN = Path(sys.executable).parent
-EXAMPLE = REPO_ROOT / "examples" / "hello"
 NAME = "rbare-hello"
 APP_IMAGE = "enclaveops-test/rbare-hello:latest"
 RELEASE_IMAGE = "enclaveops-test/rbare-hello-release:latest"
@@ -56,56 +62,6 @@ TEST_LABEL = "org.enclaveops.test=enclave-role-bare"
 APP_PORT = 8080
 AUX_API_PORT = 9101
 HELLO = b"hello from the enclave\n"
-PLAYBOOK = """\
-- name: Deploy a bare enclave with the enclave role
-  hosts: localhost
-  gather_facts: false
-  module_defaults:
-    group/enclaveops.nitro.nitro:
-      nitro_cli_path: {nitro_emu}
-      emulator_root: {root}
-  environment:
-    NITRO_EMU_ROOT: {root}
-    NITRO_EMU_ALLOCATOR: {allocator}
-  roles:
-    - role: enclaveops.nitro.enclave
-  post_tasks:
-    - name: Record the deployment for the test
-      ansible.builtin.copy:
-        content: "{{{{ enclave_deployment | to_json }}}}"
-        dest: {work}/deployment.json
-        mode: "0600"
-      when: not ansible_check_mode
-"""
-
-
-def _run(
-    command: list[str], timeout: float = 900, **options: Any
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, check=False, **options
-    )
-
-
-def _output(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\n{result.stdout[-12000:]}\n{result.stderr[-4000:]}"
-
-
-def _task_outcome(result: subprocess.CompletedProcess[str], task: str) -> str:
-    """The status word (ok, changed, skipping...) the default callback printed for a task."""
-    match = re.search(
-        rf"^TASK \[enclaveops\.nitro\.enclave : {re.escape(task)}\][^\n]*\n(\w+)",
-        result.stdout,
-        re.MULTILINE,
-    )
-    assert match, _output(result)
-    return match.group(1)
-
-
-def _recap(result: subprocess.CompletedProcess[str]) -> dict[str, int]:
-    match = re.search(r"^localhost\s*:\s*(.*)$", result.stdout, re.MULTILINE)
-    assert match, _output(result)
-    return {key: int(value) for key, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
 
 
 class _FabricHTTPConnection(http.client.HTTPConnection):
@@ -134,12 +90,7 @@ class Deployment:
         return self.work / "state" / f"{NAME}.eif"
 
     def play(self, *options: str, **variables: Any) -> subprocess.CompletedProcess[str]:
-        extra = self.work / "vars.json"
-        extra.write_text(json.dumps(variables))
-        env = dict(os.environ, ANSIBLE_CONFIG=str(REPO_ROOT / "ansible.cfg"), ANSIBLE_NOCOLOR="1")
-        command = [str(VENV_BIN / "ansible-playbook"), str(self.playbook), "-e", f"@{extra}"]
-        command += options
-        return _run(command, cwd=REPO_ROOT, env=env)
+        return play(self.playbook, self.work, *options, **variables)
 
     def good(self, **overrides: Any) -> dict[str, Any]:
         return {
@@ -155,7 +106,7 @@ class Deployment:
         }
 
     def enclaves(self) -> list[dict[str, Any]]:
-        described = _run(
+        described = run(
             [str(VENV_BIN / "nitro-emu"), "describe-enclaves"],
             env=dict(os.environ, NITRO_EMU_ROOT=str(self.root)),
         )
@@ -198,23 +149,14 @@ class Deployment:
 
 
 def _build(manifest: Path, eif: Path) -> dict[str, Any]:
-    built = _run(
+    built = run(
         [
             str(VENV_BIN / "enclaveops"), "build", "-f", str(manifest), "--builder", "native",
             "--eif-output", str(eif), "--json",
         ]
     )  # fmt: skip
-    assert built.returncode == 0, _output(built)
+    assert built.returncode == 0, output(built)
     return json.loads(built.stdout)
-
-
-def _write_manifest(work: Path, file_name: str, target: str) -> Path:
-    manifest = yaml.safe_load((EXAMPLE / "enclaver.yaml").read_text())
-    manifest.update(name=NAME, target=target)
-    manifest["sources"]["app"] = APP_IMAGE
-    path = work / file_name
-    path.write_text(yaml.safe_dump(manifest))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -222,24 +164,13 @@ def deployment(base_image: str) -> Iterator[Deployment]:  # noqa: F811
     ensure_project_images(base_image=base_image)
     work = Path(tempfile.mkdtemp(prefix="ebare", dir="/tmp"))  # short: Unix socket paths
     root = work / "emu"
-    allocator = work / "allocator.yaml"
-    allocator.write_text("---\nmemory_mib: 2048\ncpu_count: 2\n")
     try:
-        app = _run(
-            [
-                "docker", "build", "-q", "--label", TEST_LABEL, "--build-arg",
-                f"BASE_IMAGE={base_image}", "-t", APP_IMAGE, str(EXAMPLE),
-            ]
-        )  # fmt: skip
-        assert app.returncode == 0, app.stderr
-        first = _build(_write_manifest(work, "enclaver.yaml", RELEASE_IMAGE), work / "hello.eif")
-        _build(_write_manifest(work, "other.yaml", OTHER_RELEASE_IMAGE), work / "other.eif")
-        playbook = work / "deploy.yml"
-        playbook.write_text(
-            PLAYBOOK.format(
-                nitro_emu=VENV_BIN / "nitro-emu", root=root, allocator=allocator, work=work
-            )
-        )
+        build_app_image(base_image, APP_IMAGE, TEST_LABEL)
+        manifest = write_hello_manifest(work / "enclaver.yaml", NAME, APP_IMAGE, RELEASE_IMAGE)
+        other = write_hello_manifest(work / "other.yaml", NAME, APP_IMAGE, OTHER_RELEASE_IMAGE)
+        first = _build(manifest, work / "hello.eif")
+        _build(other, work / "other.eif")
+        playbook = write_playbook(work, root)
         yield Deployment(
             work,
             root,
@@ -250,11 +181,8 @@ def deployment(base_image: str) -> Iterator[Deployment]:  # noqa: F811
             first["Measurements"],
         )
     finally:
-        _run(
-            [str(VENV_BIN / "nitro-emu"), "terminate-enclave", "--all"],
-            env=dict(os.environ, NITRO_EMU_ROOT=str(root)),
-        )
-        _run(["docker", "rmi", "-f", *BUILT_IMAGES, APP_IMAGE])
+        terminate_all(root)
+        run(["docker", "rmi", "-f", *BUILT_IMAGES, APP_IMAGE])
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -266,7 +194,7 @@ def test_bare_deploy_verify_idempotence_and_safe_replacement(deployment: Deploym
 
     # 1. A first deployment: running, answering, attested with the EIF's PCRs, services applied.
     first = deployment.play(**deployment.good())
-    assert first.returncode == 0, _output(first)
+    assert first.returncode == 0, output(first)
     deployed = json.loads((deployment.work / "deployment.json").read_text())
     cid = int(deployed["enclave_cid"])
     assert deployed["mode"] == "bare"
@@ -284,11 +212,11 @@ def test_bare_deploy_verify_idempotence_and_safe_replacement(deployment: Deploym
 
     # 2. The same again changes nothing (the enclave is left alone), nor does check mode predict.
     again = deployment.play(**deployment.good())
-    assert again.returncode == 0, _output(again)
-    assert _recap(again)["changed"] == 0, _output(again)
+    assert again.returncode == 0, output(again)
+    assert recap(again)["changed"] == 0, output(again)
     checked = deployment.play("--check", "--diff", **deployment.good())
-    assert checked.returncode == 0, _output(checked)
-    assert _recap(checked)["changed"] == 0, _output(checked)
+    assert checked.returncode == 0, output(checked)
+    assert recap(checked)["changed"] == 0, output(checked)
     assert deployment.running()["EnclaveID"] == enclave_id
 
     # 3. The same enclave from its manifest: the role copies the manifest to the target, finds
@@ -296,9 +224,9 @@ def test_bare_deploy_verify_idempotence_and_safe_replacement(deployment: Deploym
     # builds the EIF of its amended image with the same PCRs, and leaves the enclave alone.
     from_manifest = deployment.good(enclave_eif="", enclave_manifest=str(deployment.manifest))
     built = deployment.play(**from_manifest)
-    assert built.returncode == 0, _output(built)
+    assert built.returncode == 0, output(built)
     build_task = "Build the release image from the manifest (skipped when its inputs are unchanged)"
-    assert _task_outcome(built, build_task) == "ok", _output(built)
+    assert task_outcome(built, build_task) == "ok", output(built)
     deployed = json.loads((deployment.work / "deployment.json").read_text())
     assert deployed["eif"] == str(deployment.work / "state" / NAME / "enclave.eif")
     assert deployed["measurements"]["PCR0"] == pcr0
@@ -306,8 +234,8 @@ def test_bare_deploy_verify_idempotence_and_safe_replacement(deployment: Deploym
     assert deployed["verified_pcrs"]["0"] == pcr0
     assert deployment.running()["EnclaveID"] == enclave_id
     again = deployment.play(**from_manifest)
-    assert again.returncode == 0, _output(again)
-    assert _recap(again)["changed"] == 0, _output(again)
+    assert again.returncode == 0, output(again)
+    assert recap(again)["changed"] == 0, output(again)
 
     # 4. Another EIF, expected to carry the first one's PCRs: it boots but cannot attest, so the
     # role runs the last good EIF again and fails with the reason.
@@ -321,8 +249,8 @@ def test_bare_deploy_verify_idempotence_and_safe_replacement(deployment: Deploym
     assert (
         "deployment failed at Verify attestation against the PCRs the build measured: "
         f"attestation failed: pcr 0: expected {pcr0}"
-    ) in failure, _output(bad)
-    assert f"previous deployment restored ({deployment.last_good_eif})" in failure, _output(bad)
+    ) in failure, output(bad)
+    assert f"previous deployment restored ({deployment.last_good_eif})" in failure, output(bad)
     restored = deployment.running()
     assert restored["EnclaveID"] != enclave_id
     assert restored["Measurements"]["PCR0"] == pcr0
@@ -339,7 +267,7 @@ def test_bare_deploy_verify_idempotence_and_safe_replacement(deployment: Deploym
     assert f"enclave {NAME}-new: deployment failed at Run the EIF as a bare enclave:" in failure
     assert (
         "there was no previous deployment to restore, so the failed one was terminated" in failure
-    ), _output(unstartable)
+    ), output(unstartable)
     assert deployment.running()["EnclaveID"] == restored["EnclaveID"]
 
     # 6. A running enclave but no last good EIF (as after a deployment made without the role):
@@ -357,5 +285,5 @@ def test_bare_deploy_verify_idempotence_and_safe_replacement(deployment: Deploym
         f"previous enclave {restored['EnclaveID']} was terminated and cannot be restored (no last "
         f"good EIF at {deployment.work / 'fresh-state' / NAME}.eif), and the failed one was "
         "terminated"
-    ) in failure, _output(unkept)
+    ) in failure, output(unkept)
     assert deployment.enclaves() == []
