@@ -16,6 +16,7 @@ from typing import Any
 
 from enclave_runtime.emulator.aws_endpoints import AwsEndpoints, start_aws_endpoints
 from enclave_runtime.emulator.aws_kms import KmsService
+from enclave_runtime.emulator.aws_services import write_tls_certificate
 from enclave_runtime.emulator.ca import EmulatorCA
 from enclave_runtime.formats.attestation import build_attestation_document
 from enclave_runtime.formats.manifest import Egress, KmsProxy
@@ -23,7 +24,6 @@ from enclave_runtime.host.egress_broker import start_egress_broker
 from enclave_runtime.odyn.egress import start_egress_proxy
 from enclave_runtime.odyn.kms_proxy import EgressUpstream, KmsProxyServer, start_kms_proxy
 from enclave_runtime.transport.vsock import EmulatedFabric
-from tests.tls_support import write_self_signed
 
 REGION = "us-east-1"
 KMS_HOST = f"kms.{REGION}.amazonaws.com"
@@ -59,10 +59,10 @@ def emulated_attest(ca: EmulatorCA, pcrs: Mapping[int, bytes]) -> Any:
 
 
 def tls_pair(directory: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(server, client) contexts for the emulated KMS's name."""
-    cert = write_self_signed(directory / "kms.pem", directory / "kms.key", KMS_HOST)
+    """(server, client) contexts for the emulated KMS's name (and 127.0.0.1)."""
+    cert, key = write_tls_certificate(directory, [KMS_HOST])
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(cert, directory / "kms.key")
+    server.load_cert_chain(cert, key)
     client = ssl.create_default_context(cafile=str(cert))
     return server, client
 

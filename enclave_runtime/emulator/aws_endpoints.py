@@ -104,19 +104,20 @@ def check_signature(
     from botocore.awsrequest import AWSRequest  # noqa: PLC0415
     from botocore.credentials import Credentials  # noqa: PLC0415
 
-    found = _AUTHORIZATION.match(headers.get("Authorization") or "")
+    received = {name.lower(): value for name, value in headers.items()}
+    found = _AUTHORIZATION.match(received.get("authorization", ""))
     if found is None:
         raise KmsFault("MissingAuthenticationTokenException", "the request is not SigV4-signed")
     access_key, day, region, signed, signature = found.groups()
     if access_key != credentials.access_key:
         raise KmsFault("UnrecognizedClientException", "The security token included is invalid.")
-    if headers.get("X-Amz-Security-Token") != credentials.token:
+    if received.get("x-amz-security-token") != credentials.token:
         raise KmsFault("UnrecognizedClientException", "The security token included is invalid.")
-    stamp = headers.get("X-Amz-Date") or ""
+    stamp = received.get("x-amz-date", "")
     _check_clock(stamp, day, now or datetime.now(timezone.utc))
     names = signed.split(";")
     request = AWSRequest(
-        method=method, url=url, data=body, headers={n: headers.get(n) or "" for n in names}
+        method=method, url=url, data=body, headers={n: received.get(n, "") for n in names}
     )
     request.context["timestamp"] = stamp
     signer = SigV4Auth(
@@ -226,11 +227,7 @@ class AwsEndpoints:
 
     def routes(self) -> dict[tuple[str, int], tuple[str, int]]:
         """What the egress broker connects to instead of the AWS addresses."""
-        host = f"kms.{self.kms.region}.amazonaws.com"
-        return {
-            ("169.254.169.254", 80): ("127.0.0.1", self.imds_port),
-            (host, 443): ("127.0.0.1", self.kms_port),
-        }
+        return routes_for(self.kms.region, self.imds_port, self.kms_port)
 
     def close(self) -> None:
         for server in (self.imds_server, self.kms_server):
@@ -238,6 +235,16 @@ class AwsEndpoints:
             server.server_close()
         for thread in self.threads:
             thread.join()
+
+
+def routes_for(
+    region: str, imds_port: int, kms_port: int
+) -> dict[tuple[str, int], tuple[str, int]]:
+    """IMDS's address and the region's KMS name, routed to the loopback servers."""
+    return {
+        ("169.254.169.254", 80): ("127.0.0.1", imds_port),
+        (f"kms.{region}.amazonaws.com", 443): ("127.0.0.1", kms_port),
+    }
 
 
 def start_aws_endpoints(
