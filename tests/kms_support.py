@@ -119,3 +119,27 @@ def boto_client(endpoint_url: str, verify: Any = None, credentials: Any = None) 
     return boto3.client(
         "kms", region_name=REGION, endpoint_url=endpoint_url, verify=verify, **creds
     )
+
+
+def imds_credentials(imds_port: int) -> dict[str, str]:
+    """The role credentials the emulated IMDS hands out, fetched as an EC2 SDK does (IMDSv2)."""
+    import json
+    import urllib.request
+
+    base = f"http://127.0.0.1:{imds_port}/latest"
+    put = urllib.request.Request(
+        base + "/api/token", method="PUT", headers={"X-aws-ec2-metadata-token-ttl-seconds": "60"}
+    )
+    with urllib.request.urlopen(put, timeout=10) as answer:
+        token = {"X-aws-ec2-metadata-token": answer.read().decode()}
+    path = base + "/meta-data/iam/security-credentials/"
+    with urllib.request.urlopen(urllib.request.Request(path, headers=token), timeout=10) as answer:
+        role = answer.read().decode()
+    request = urllib.request.Request(path + role, headers=token)
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        document = json.loads(answer.read())
+    return {
+        "access_key": document["AccessKeyId"],
+        "secret_key": document["SecretAccessKey"],
+        "session_token": document["Token"],
+    }

@@ -71,6 +71,8 @@ class Key:
     usage: str = "ENCRYPT_DECRYPT"
     material: bytes = b""
     private_key: ec.EllipticCurvePrivateKey | None = None
+    description: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
     created: float = field(default_factory=lambda: datetime.now(timezone.utc).timestamp())
 
     @property
@@ -90,7 +92,7 @@ class Key:
             "KeyManager": "CUSTOMER",
             "CustomerMasterKeySpec": self.spec,
             "KeySpec": self.spec,
-            "Description": "",
+            "Description": self.description,
         }
 
 
@@ -120,9 +122,10 @@ class KmsService:
         self.root = root
         self.region = region
         self.keys: dict[str, Key] = {}
+        self.aliases: dict[str, str] = {}  # alias/name -> key id
         self._operations: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
             "CreateKey": self._create_key,
-            "DescribeKey": lambda f: {"KeyMetadata": self._key(f).metadata()},
+            "DescribeKey": lambda f: {"KeyMetadata": self.key_for(f).metadata()},
             "ListKeys": self._list_keys,
             "GetKeyPolicy": self._get_key_policy,
             "PutKeyPolicy": self._put_key_policy,
@@ -133,6 +136,7 @@ class KmsService:
             "GenerateRandom": self._generate_random,
             "DeriveSharedSecret": self._derive_shared_secret,
         }
+        self._operations.update(KeyManagement(self).operations())
 
     def handle(self, operation: str, fields: dict[str, Any]) -> dict[str, Any]:
         """The answer to one operation; raises KmsFault for KMS's error answers."""
@@ -148,6 +152,8 @@ class KmsService:
         spec = fields.get("KeySpec") or fields.get("CustomerMasterKeySpec") or "SYMMETRIC_DEFAULT"
         usage = fields.get("KeyUsage", "ENCRYPT_DECRYPT")
         key = Key(str(uuid.uuid4()), self.region, policy, spec, usage)
+        key.description = str(fields.get("Description") or "")
+        key.tags = {t["TagKey"]: t["TagValue"] for t in fields.get("Tags") or ()}
         if spec == "SYMMETRIC_DEFAULT" and usage == "ENCRYPT_DECRYPT":
             key.material = AESGCM.generate_key(bit_length=256)
         elif spec == "ECC_NIST_P256" and usage == "KEY_AGREEMENT":
@@ -170,11 +176,13 @@ class KmsService:
             raise KmsFault("MalformedPolicyDocumentException", str(err)) from err
         return policy
 
-    def _key(self, fields: dict[str, Any], name: str = "KeyId") -> Key:
+    def key_for(self, fields: dict[str, Any], name: str = "KeyId") -> Key:
         wanted = fields.get(name)
         if not isinstance(wanted, str) or not wanted:
             raise KmsFault("ValidationException", f"{name} is required")
         key_id = wanted.rsplit("/", 1)[-1] if wanted.startswith("arn:") else wanted
+        if "alias/" in wanted:
+            key_id = self.aliases.get("alias/" + wanted.split("alias/", 1)[1], "")
         key = self.keys.get(key_id)
         if key is None:
             raise KmsFault("NotFoundException", f"Key '{wanted}' does not exist")
@@ -185,11 +193,11 @@ class KmsService:
         return {"Keys": keys, "Truncated": False}
 
     def _get_key_policy(self, fields: dict[str, Any]) -> dict[str, Any]:
-        key = self._key(fields)
+        key = self.key_for(fields)
         return {"Policy": json.dumps(key.policy), "PolicyName": "default"}
 
     def _put_key_policy(self, fields: dict[str, Any]) -> dict[str, Any]:
-        key = self._key(fields)
+        key = self.key_for(fields)
         key.policy = self._parsed_policy(fields.get("Policy"))
         return {}
 
@@ -246,7 +254,7 @@ class KmsService:
     # --- cryptography ---------------------------------------------------------------------
 
     def _symmetric(self, fields: dict[str, Any]) -> Key:
-        key = self._key(fields)
+        key = self.key_for(fields)
         if not key.material:
             raise KmsFault("InvalidKeyUsageException", f"{key.arn} is not a symmetric key")
         return key
@@ -280,8 +288,8 @@ class KmsService:
         if not blob.startswith(BLOB_PREFIX) or len(blob) < start + KEY_ID_BYTES + NONCE_BYTES:
             raise KmsFault("InvalidCiphertextException", "the ciphertext is not from this KMS")
         key_id = blob[start : start + KEY_ID_BYTES].decode("ascii", "replace")
-        key = self._key({"KeyId": key_id})
-        if fields.get("KeyId") and self._key(fields).key_id != key.key_id:
+        key = self.key_for({"KeyId": key_id})
+        if fields.get("KeyId") and self.key_for(fields).key_id != key.key_id:
             raise KmsFault(
                 "IncorrectKeyException", "the ciphertext was encrypted under another key"
             )
@@ -340,7 +348,7 @@ class KmsService:
         return self._sealed({}, "Plaintext", os.urandom(size), recipient)
 
     def _derive_shared_secret(self, fields: dict[str, Any]) -> dict[str, Any]:
-        key = self._key(fields)
+        key = self.key_for(fields)
         if key.private_key is None:
             raise KmsFault("InvalidKeyUsageException", f"{key.arn} is not a KEY_AGREEMENT key")
         if fields.get("KeyAgreementAlgorithm") != "ECDH":
@@ -364,3 +372,73 @@ def _key_pair(spec: Any) -> rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey:
     if spec in curves:
         return ec.generate_private_key(curves[spec]())
     raise KmsFault("ValidationException", f"KeyPairSpec {spec!r} is not emulated")
+
+
+class KeyManagement:
+    """The key-management calls amazon.aws.kms_key makes, so a playbook can create keys here."""
+
+    def __init__(self, service: KmsService) -> None:
+        self.service = service
+
+    def operations(self) -> dict[str, Callable[[dict[str, Any]], dict[str, Any]]]:
+        return {
+            "CreateAlias": self._create_alias,
+            "ListAliases": self._list_aliases,
+            "ListGrants": lambda f: {"Grants": [], "Truncated": False},
+            "ListKeyPolicies": lambda f: {"PolicyNames": ["default"], "Truncated": False},
+            "GetKeyRotationStatus": lambda f: {"KeyRotationEnabled": False},
+            "ListResourceTags": self._list_tags,
+            "TagResource": self._tag,
+            "UntagResource": self._untag,
+            "EnableKey": lambda f: self._known(f, {}),
+            "UpdateKeyDescription": self._update_description,
+        }
+
+    def _known(self, fields: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+        self.service.key_for(fields)
+        return answer
+
+    def _create_alias(self, fields: dict[str, Any]) -> dict[str, Any]:
+        name = fields.get("AliasName")
+        if not isinstance(name, str) or not name.startswith("alias/"):
+            raise KmsFault("ValidationException", "AliasName must start with alias/")
+        if name in self.service.aliases:
+            raise KmsFault(
+                "AlreadyExistsException", f"An alias with the name {name} already exists"
+            )
+        key = self.service.key_for(fields, "TargetKeyId")
+        self.service.aliases[name] = key.key_id
+        return {}
+
+    def _list_aliases(self, fields: dict[str, Any]) -> dict[str, Any]:
+        region = self.service.region
+        aliases = [
+            {
+                "AliasName": name,
+                "AliasArn": f"arn:aws:kms:{region}:{ACCOUNT}:{name}",
+                "TargetKeyId": key_id,
+            }
+            for name, key_id in sorted(self.service.aliases.items())
+            if not fields.get("KeyId") or key_id == self.service.key_for(fields).key_id
+        ]
+        return {"Aliases": aliases, "Truncated": False}
+
+    def _list_tags(self, fields: dict[str, Any]) -> dict[str, Any]:
+        key = self.service.key_for(fields)
+        tags = [{"TagKey": k, "TagValue": v} for k, v in sorted(key.tags.items())]
+        return {"Tags": tags, "Truncated": False}
+
+    def _tag(self, fields: dict[str, Any]) -> dict[str, Any]:
+        key = self.service.key_for(fields)
+        key.tags.update({t["TagKey"]: t["TagValue"] for t in fields.get("Tags") or ()})
+        return {}
+
+    def _untag(self, fields: dict[str, Any]) -> dict[str, Any]:
+        key = self.service.key_for(fields)
+        for name in fields.get("TagKeys") or ():
+            key.tags.pop(name, None)
+        return {}
+
+    def _update_description(self, fields: dict[str, Any]) -> dict[str, Any]:
+        self.service.key_for(fields).description = str(fields.get("Description") or "")
+        return {}

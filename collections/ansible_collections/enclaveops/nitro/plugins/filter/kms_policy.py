@@ -61,6 +61,7 @@ def kms_attestation_statement(
     measurements,
     principal,
     actions=DEFAULT_ACTIONS,
+    *,
     parent_role_arn=None,
     instance_id=None,
     sid="AllowOnlyTheAttestedEnclave",
