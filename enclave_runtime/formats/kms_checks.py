@@ -23,38 +23,50 @@ Finding = tuple[tuple[str, ...], str]
 
 
 def kms_egress_findings(doc: dict[str, Any]) -> Iterator[Finding]:
-    """What in ``egress`` keeps the configured KMS proxy from IMDS or KMS; nothing if fine."""
+    """What in ``egress`` keeps the configured KMS proxy from IMDS or KMS; nothing if fine.
+
+    Malformed entries are left to the schema and egress checks, which name them.
+    """
     kms = doc.get("kms_proxy")
     egress = doc.get("egress")
     if not isinstance(kms, dict) or not isinstance(egress, dict) or not egress.get("allow"):
         return  # no proxy, or no egress at all (the manifest's own check reports that)
     # egress_policy imports the manifest module, which imports this one: import when called.
-    from enclave_runtime.formats.egress_policy import EgressPolicy, EgressPolicyError  # noqa: PLC0415
+    from enclave_runtime.formats.egress_policy import EgressPolicy  # noqa: PLC0415
 
     try:
         policy = EgressPolicy(egress.get("allow") or (), egress.get("deny") or ())
-    except (EgressPolicyError, TypeError, AttributeError):
-        return  # an invalid entry is reported by the egress checks
-    imds = policy.check_host(IMDS_ADDRESS)
-    if not imds:
+    except (ValueError, TypeError, AttributeError):
+        return
+    imds = _blocked(policy, IMDS_ADDRESS)
+    if imds:
         yield (
             ("egress", "allow"),
-            f"blocks IMDS, which kms_proxy needs for the parent's credentials ({imds.reason}); "
+            f"blocks IMDS, which kms_proxy needs for the parent's credentials ({imds}); "
             f"add {IMDS_ADDRESS} to egress.allow",
         )
-    endpoints = kms.get("endpoints") or {}
+    endpoints = kms.get("endpoints")
     if isinstance(endpoints, dict) and endpoints:
-        for region, endpoint in sorted(endpoints.items()):
-            host = str(endpoint).rsplit(":", 1)[0] if ":" in str(endpoint) else str(endpoint)
-            decision = policy.check_host(host)
-            if not decision:
+        for region, endpoint in sorted(endpoints.items(), key=lambda item: str(item[0])):
+            host = str(endpoint).rsplit(":", 1)[0]
+            reason = _blocked(policy, host)
+            if reason:
                 yield (
                     ("kms_proxy", "endpoints", str(region)),
-                    f"{host} is blocked by egress ({decision.reason}); add it to egress.allow",
+                    f"{host} is blocked by egress ({reason}); add it to egress.allow",
                 )
-    elif not any(policy.check_host(f"kms.{region}.amazonaws.com") for region in COMMON_REGIONS):
+    elif all(_blocked(policy, f"kms.{region}.amazonaws.com") for region in COMMON_REGIONS):
         yield (
             ("egress", "allow"),
             "blocks every KMS endpoint, which kms_proxy forwards to; add kms.*.amazonaws.com "
             "(or kms.<region>.amazonaws.com) to egress.allow",
         )
+
+
+def _blocked(policy: Any, host: str) -> str | None:
+    """Why ``policy`` refuses ``host``; None when it is allowed or not a host at all."""
+    try:
+        decision = policy.check_host(host)
+    except ValueError:
+        return None
+    return None if decision.allowed else decision.reason

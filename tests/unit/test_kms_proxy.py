@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import functools
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from enclave_runtime.formats.kms_envelope import seal_envelope
 from enclave_runtime.odyn.http import HttpError
@@ -242,3 +246,46 @@ def test_env_points_both_variables_at_the_proxy(fabric_root: Path, tmp_path: Pat
         "AWS_KMS_ENDPOINT": f"http://127.0.0.1:{port}",
         "AWS_ENDPOINT_URL_KMS": f"http://127.0.0.1:{port}",
     }
+
+
+@functools.lru_cache(maxsize=1)
+def _proxy_key() -> Any:
+    """One RSA key for every example."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        st.binary(max_size=200),
+        st.builds(lambda v: json.dumps(v).encode(), JSON_VALUES),
+        st.builds(
+            lambda v: json.dumps({"CiphertextForRecipient": v}).encode(),
+            st.text(max_size=40) | st.builds(lambda b: base64.b64encode(b).decode(), st.binary()),
+        ),
+    )
+)
+def test_any_kms_answer_is_opened_or_refused_with_a_proxy_error(body: bytes) -> None:
+    with contextlib.suppress(KmsProxyError):
+        revealed("Decrypt", body, _proxy_key())
+        raise AssertionError("a forged answer was opened")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200))
+def test_any_authorization_header_gives_a_scope_or_a_400(header: str) -> None:
+    try:
+        region, service = credential_scope(header)
+    except HttpError as err:
+        assert err.status == 400
+    else:
+        assert service == "kms" and region
