@@ -34,12 +34,14 @@ def aws_directory(root: Path) -> Path:
     return Path(root) / "aws"
 
 
-def write_tls_certificate(directory: Path, names: list[str]) -> tuple[Path, Path]:
-    """A self-signed P-256 certificate for ``names`` (DNS names, and 127.0.0.1), and its key."""
+def self_signed_certificate(
+    names: list[str], lifetime: timedelta = TLS_LIFETIME
+) -> tuple[bytes, bytes]:
+    """A self-signed P-256 certificate for ``names`` (and 127.0.0.1) and its key, as PEM."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
     now = datetime.now(timezone.utc)
-    alternative = [x509.DNSName(name) for name in names]
+    alternative: list[x509.GeneralName] = [x509.DNSName(name) for name in names]
     alternative.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
     certificate = (
         x509.CertificateBuilder()
@@ -48,21 +50,26 @@ def write_tls_certificate(directory: Path, names: list[str]) -> tuple[Path, Path
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + TLS_LIFETIME)
+        .not_valid_after(now + lifetime)
         .add_extension(x509.SubjectAlternativeName(alternative), critical=False)
         .sign(key, hashes.SHA256())
     )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def write_tls_certificate(directory: Path, names: list[str]) -> tuple[Path, Path]:
+    """The KMS's certificate (``ca.pem``, what clients trust) and key in ``directory``."""
+    cert_pem, key_pem = self_signed_certificate(names)
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / "ca.pem", directory / "kms.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert_pem)
     key_path.touch(mode=0o600)
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    key_path.write_bytes(key_pem)
     return cert_path, key_path
 
 
