@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,7 +39,7 @@ def pinned_policy(pcr0: bytes) -> str:
                 {"Effect": "Allow", "Action": ["kms:Encrypt", "kms:DescribeKey"]},
                 {
                     "Effect": "Allow",
-                    "Action": ["kms:Decrypt", "kms:GenerateDataKey"],
+                    "Action": ["kms:Decrypt", "kms:GenerateDataKey*"],
                     "Condition": {
                         "StringEqualsIgnoreCase": {
                             "kms:RecipientAttestation:ImageSha384": pcr0.hex()
@@ -289,3 +290,21 @@ def test_any_authorization_header_gives_a_scope_or_a_400(header: str) -> None:
         assert err.status == 400
     else:
         assert service == "kms" and region
+
+
+def test_generate_data_key_pair_returns_the_private_key_in_plaintext(
+    fabric_root: Path, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives.serialization import load_der_private_key
+
+    def work(client: Any, key_id: str) -> Any:
+        return client.generate_data_key_pair(KeyId=key_id, KeyPairSpec="ECC_NIST_P256")
+
+    answer = _scenario(fabric_root, tmp_path, pcrs_for(PCR0), work)
+    private = load_der_private_key(answer["PrivateKeyPlaintext"], None)
+    assert (
+        private.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        == answer["PublicKey"]
+    )
