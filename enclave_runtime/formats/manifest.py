@@ -722,7 +722,8 @@ def _value_message(error: jsonschema.ValidationError) -> str:
     if keyword == "type":
         wanted = error.validator_value
         names = [_TYPE_NAMES[name] for name in _as_list(wanted) if name != "null"]
-        return f"expected {' or '.join(names)}, got {got}"
+        hint = f" ({schema['x-hint']})" if "x-hint" in schema else ""
+        return f"expected {' or '.join(names)}, got {got}{hint}"
     if keyword == "const":
         return f"must be {_show(error.validator_value)}, got {got}"
     if keyword == "enum":

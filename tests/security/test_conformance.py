@@ -23,6 +23,7 @@ from enclave_runtime.formats.attestation import (
 from enclave_runtime.formats.cose import CoseSign1, sign1
 from enclave_runtime.formats.nsm_messages import ErrorCode
 from enclave_runtime.formats.pcr import Measurements, parse_pcr_index
+from enclave_runtime.formats.service_unit import ServiceUnitError, parse_unit
 from enclave_runtime.host.attestation_client import AttestationInputError, parse_expected_pcrs
 from enclave_runtime.transport.nsm import NsmClient, NsmError
 
@@ -160,3 +161,11 @@ def test_cli_expect_pcr_refuses_unicode_digits() -> None:
         with pytest.raises(argparse.ArgumentTypeError, match="ASCII digits"):
             expected_pcr(text)
     assert expected_pcr("PCR3=00") == (3, b"\x00")
+
+
+@pytest.mark.parametrize("value", ["0.5", "1.0", "-1"])
+def test_restart_sec_is_whole_seconds_as_enclave_init_reads_it(value: str) -> None:
+    with pytest.raises(ServiceUnitError, match=r"RestartSec: .*(integer|at least 0)"):
+        parse_unit(f'ExecStart = "/bin/true"\nRestartSec = {value}\n', "web")
+    unit = parse_unit('ExecStart = "/bin/true"\nRestartSec = 2\n', "web")
+    assert type(unit.restart_sec) is int
