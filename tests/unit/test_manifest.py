@@ -412,8 +412,8 @@ def test_the_forks_vsock_ports_is_refused_with_the_reason() -> None:
         ),
         (
             "services: {units: {web: {ExecStart: /w, RestartSec: .inf}}}",
-            "services.units.web.RestartSec: expected an integer, got inf (whole seconds: enclave-init reads "
-            "RestartSec as an unsigned integer, so write 1, not 0.5)",
+            "services.units.web.RestartSec: expected an integer, got inf (whole seconds: "
+            "enclave-init reads RestartSec as an unsigned integer, so write 1, not 0.5)",
         ),
         (
             "services: {units: {web: {ExecStart: ''}}}",
