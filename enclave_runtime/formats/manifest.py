@@ -246,6 +246,7 @@ class Control:
     unix_socket: str = DEFAULT_CONTROL_SOCKET
     vsock_port: int = INIT_CONTROL_PORT
     allowed_cids: tuple[int, ...] = DEFAULT_ALLOWED_CIDS
+    require_privileged_port: bool = True
 
 
 @dataclass(frozen=True)
@@ -1200,6 +1201,7 @@ def _build_control(raw: dict[str, Any]) -> Control:
         unix_socket=_value(raw, "unix_socket", DEFAULT_CONTROL_SOCKET),
         vsock_port=_value(raw, "vsock_port", INIT_CONTROL_PORT),
         allowed_cids=tuple(_value(raw, "allowed_cids", DEFAULT_ALLOWED_CIDS)),
+        require_privileged_port=_value(raw, "require_privileged_port", True),
     )
 
 
@@ -1266,7 +1268,10 @@ def _manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
     doc["services"]["units"] = {
         unit.name: {key: value for key, value in _unit_items(unit)} for unit in services.units
     }
-    doc["control"] = _fields(manifest.control, ("unix_socket", "vsock_port", "allowed_cids"))
+    doc["control"] = _fields(
+        manifest.control,
+        ("unix_socket", "vsock_port", "allowed_cids", "require_privileged_port"),
+    )
     doc["runtime"] = {"log_buffer_size": manifest.runtime.log_buffer_size}
     return doc
 
