@@ -142,6 +142,9 @@ class Tls:
 class Ingress:
     listen_port: int
     tls: Tls | None = None
+    # None: the relays' defaults (docs/networking.md, "Connection caps").
+    max_connections: int | None = None
+    idle_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -1148,7 +1151,12 @@ def _optional(doc: dict[str, Any], key: str, build: Callable[[dict[str, Any]], A
 
 def _build_ingress(raw: dict[str, Any]) -> Ingress:
     tls = raw.get("tls")
-    return Ingress(raw["listen_port"], Tls(**tls) if tls is not None else None)
+    return Ingress(
+        raw["listen_port"],
+        Tls(**tls) if tls is not None else None,
+        max_connections=raw.get("max_connections"),
+        idle_timeout=raw.get("idle_timeout"),
+    )
 
 
 def _build_egress(raw: dict[str, Any]) -> Egress:
@@ -1280,6 +1288,9 @@ def _ingress_to_dict(ingress: Ingress) -> dict[str, Any]:
     entry: dict[str, Any] = {"listen_port": ingress.listen_port}
     if ingress.tls is not None:
         entry["tls"] = {"key_file": ingress.tls.key_file, "cert_file": ingress.tls.cert_file}
+    for key in ("max_connections", "idle_timeout"):
+        if getattr(ingress, key) is not None:
+            entry[key] = getattr(ingress, key)
     return entry
 
 
