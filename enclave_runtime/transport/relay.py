@@ -21,7 +21,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Collection, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,7 +71,7 @@ class RefusalLog:
         logger: logging.Logger,
         label: str,
         interval: float = REFUSAL_LOG_INTERVAL,
-        clock: Any = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._logger = logger
         self._label = label
