@@ -761,6 +761,13 @@ def _describe_eif(context: Context, args: argparse.Namespace) -> int:
         image = read_eif(args.eif_path)
     except EifError as err:
         raise errors.eif_parsing_error(str(err)) from None
+    verdict = image.signature_check
+    if verdict is not None and not verdict.signature_verifies:
+        # nitro-cli cannot extract the signed payload, so describe-eif fails (docs/eif.md).
+        raise errors.eif_parsing_error(
+            f"Failed to get certificate sigining info: Failed to get signature payload: "
+            f"{verdict.reason}"
+        )
     _print_json(image.describe())
     return 0
 

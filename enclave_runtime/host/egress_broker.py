@@ -194,9 +194,9 @@ class EgressBroker:
                 candidates = await self._resolve(host, port)
         if self.allowlist is None:
             return candidates
-        allowed = [address for address in candidates if self.allowlist.check_peer(address)]
+        allowed = [address for address in candidates if self.allowlist.check_peer(address, host)]
         if not allowed:
-            reason = self.allowlist.check_peer(candidates[0]).reason
+            reason = self.allowlist.check_peer(candidates[0], host).reason
             raise _Refused(
                 ConnectErr(errno.EACCES, f"denied by the parent's egress allowlist: {reason}")
             )

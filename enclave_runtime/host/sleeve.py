@@ -49,6 +49,7 @@ from enclave_runtime.host.egress_broker import EgressBroker, start_egress_broker
 from enclave_runtime.host.ingress_proxy import IngressProxy, start_ingress_proxy
 from enclave_runtime.host.nitro_cli import NitroCli, NitroCliCommandError, NitroCliError, RunInfo
 from enclave_runtime.transport import vsock
+from enclave_runtime.transport.relay import ListenerLimits
 
 # enclaver's RELEASE_BUNDLE_DIR, EIF_FILE_NAME and MANIFEST_FILE_NAME (enclaver/src/constants.rs).
 DEFAULT_EIF_FILE = "/enclave/application.eif"
@@ -370,6 +371,10 @@ class Sleeve:
                 bind_host=self.options.ingress_host,
                 host_ports=port_map,
                 backend=self.fabric,
+                limits={
+                    item.listen_port: ListenerLimits.of(item.max_connections, item.idle_timeout)
+                    for item in manifest.ingress
+                },
             )
             for port, host_port in self.ingress.bound.items():
                 self.say(f"ingress {self.options.ingress_host}:{host_port} -> enclave port {port}")

@@ -224,7 +224,7 @@ def test_extensions_services_control_and_runtime() -> None:
     db = services.unit("db")
     assert (db.restart, db.restart_sec, db.user, db.enable, db.kill_signal) == (
         "always",
-        1.5,
+        2,
         "redis",
         True,
         "SIGTERM",
@@ -412,7 +412,8 @@ def test_the_forks_vsock_ports_is_refused_with_the_reason() -> None:
         ),
         (
             "services: {units: {web: {ExecStart: /w, RestartSec: .inf}}}",
-            "services.units.web.RestartSec: expected a number, got inf",
+            "services.units.web.RestartSec: expected an integer, got inf (whole seconds: "
+            "enclave-init reads RestartSec as an unsigned integer, so write 1, not 0.5)",
         ),
         (
             "services: {units: {web: {ExecStart: ''}}}",
