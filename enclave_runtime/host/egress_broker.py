@@ -53,6 +53,9 @@ Resolver = Callable[[str, int], Awaitable["list[str]"]]
 # (host, port) asked for -> (address, port) connected to instead: how the emulated parent serves
 # IMDS and KMS itself (docs/kms.md). Empty on a real parent.
 Routes = Mapping[tuple[str, int], tuple[str, int]]
+# What a routed name "resolved to", as far as the enclave is told: TEST-NET-1 (RFC 5737), an
+# address no real service has and no default deny covers.
+ROUTED_NAME_PEER = ipaddress.ip_address("192.0.2.1")
 
 
 class EgressBrokerError(EnclaveOpsError):
@@ -151,9 +154,8 @@ class EgressBroker:
         port = request.port
         routed = self.routes.get((host.lower(), port))
         if routed is not None:
-            addresses, port = [routed[0]], routed[1]
-        else:
-            addresses = await self._addresses(host, port)
+            return await self._connect_routed(host, port, routed)
+        addresses = await self._addresses(host, port)
         last_error: OSError | None = None
         for address in addresses:
             try:
@@ -168,6 +170,27 @@ class EgressBroker:
         assert last_error is not None
         reason = os.strerror(last_error.errno) if last_error.errno else str(last_error)
         raise _Refused(ConnectErr(last_error.errno or 0, reason))
+
+    async def _connect_routed(
+        self, host: str, port: int, routed: tuple[str, int]
+    ) -> tuple[StreamEndpoint, Peer]:
+        """Connect a routed destination; the enclave is told the address the name stands for.
+
+        A route stands in for a service of the real parent's network (the emulator's IMDS and
+        KMS, docs/kms.md), so the peer reported to the enclave is the requested IP, or for a
+        name ROUTED_NAME_PEER, and never the loopback address the route really dials, which
+        the enclave's default denies would refuse.
+        """
+        try:
+            reader, writer = await asyncio.open_connection(*routed)
+        except OSError as err:
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            raise _Refused(ConnectErr(err.errno or 0, reason)) from err
+        try:
+            nominal = ipaddress.ip_address(host)
+        except ValueError:
+            nominal = ROUTED_NAME_PEER
+        return StreamEndpoint(reader, writer), Peer(nominal, port)
 
     def _check_name(self, host: str) -> None:
         assert self.allowlist is not None

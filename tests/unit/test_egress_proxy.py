@@ -70,6 +70,7 @@ async def _egress(
     broker_timeouts: BrokerTimeouts = DEFAULT_BROKER_TIMEOUTS,
     timeouts: EgressTimeouts = DEFAULT_TIMEOUTS,
     with_broker: bool = True,
+    routes: dict[tuple[str, int], tuple[str, int]] | None = None,
 ) -> AsyncIterator[tuple[EgressProxy, EgressBroker | None]]:
     broker = None
     if with_broker:
@@ -78,6 +79,7 @@ async def _egress(
             resolver=resolver,
             allowlist=allowlist,
             timeouts=broker_timeouts,
+            routes=routes,
         )
     proxy = await start_egress_proxy(
         Egress(allow=allow, deny=deny, proxy_port=0),
@@ -387,6 +389,39 @@ def test_a_name_that_resolves_to_a_denied_address_is_refused(fabric_root: Path) 
         f"egress to denied.test:{port} is denied: it resolved to 127.0.0.2, in the denied "
         "network 127.0.0.2/32\n"
     )
+
+
+def test_routed_destinations_reach_their_stand_in_without_lifting_the_loopback_deny(
+    fabric_root: Path,
+) -> None:
+    # The emulator routes IMDS and the KMS name to loopback servers (docs/kms.md); the enclave
+    # is told the address the destination stands for, so its loopback default deny still
+    # refuses app.test, which really resolves to 127.0.0.1.
+    with _http_server() as server:
+        port = _port(server)
+        routes = {
+            ("169.254.169.254", 80): ("127.0.0.1", port),
+            ("kms.test", 80): ("127.0.0.1", port),
+        }
+
+        async def run() -> list[tuple[int, str, Any]]:
+            allow = ("169.254.169.254", "kms.test", "app.test")
+            async with _egress(fabric_root, allow=allow, routes=routes) as (proxy, _):
+                return [
+                    await in_executor(_fetch, proxy, url)
+                    for url in (
+                        "http://169.254.169.254/latest/api/token",
+                        "http://kms.test/",
+                        f"http://app.test:{port}/",
+                    )
+                ]
+
+        imds, kms, direct = run_async(run())
+    assert (imds[0], imds[1]) == (200, "GET /latest/api/token ")
+    assert (kms[0], kms[1]) == (200, "GET / ")
+    assert direct[0] == 403
+    assert "127.0.0.1" in direct[1]
+    assert len(server.seen) == 2
 
 
 def test_the_name_host_reaches_the_parents_loopback_only_when_allowed(fabric_root: Path) -> None:
