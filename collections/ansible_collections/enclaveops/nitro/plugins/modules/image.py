@@ -77,8 +77,8 @@ options:
         C(ansible_architecture) names it (C(x86_64), C(aarch64)); Docker's C(amd64)/C(arm64) are
         accepted too.
       - When set, an app image built for another architecture is refused before anything is
-        built or pulled (an image built on an x86 controller cannot run on a Graviton parent:
-        build it with C(--platform linux/arm64) or name an arm64 image in a registry).
+        built or pulled. An image built on an x86 controller cannot run on a Graviton parent;
+        build it with C(--platform linux/arm64) or name an arm64 image in a registry.
     type: str
     version_added: 0.1.0
 extends_documentation_fragment:
