@@ -40,6 +40,7 @@ from enclave_runtime.formats.eif import SectionType, read_eif
 from enclave_runtime.formats.manifest import Manifest, load_manifest
 from enclave_runtime.formats.pcr import Measurements
 from enclave_runtime.host.docker_rootfs import (
+    ARCHITECTURES,
     DockerError,
     ImageConfig,
     ImageConfigError,
@@ -126,6 +127,8 @@ class BuildOptions:
     force: bool = False
     eif_output: Path | None = None
     work_dir: Path | None = None
+    # The parent's CPU (``uname -m``, Ansible's ansible_architecture): x86_64 or aarch64.
+    target_architecture: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("blobs", "eif_output", "work_dir"):
@@ -257,6 +260,7 @@ def plan_build(
     )
     sources = tuple(_source(name, reference, image) for name, (reference, image) in images.items())
     signing = signing_files(manifest)
+    check_target_architecture(sources, options.target_architecture)
     digest = None
     if len(images) == len(references):
         check_architectures(sources)
@@ -506,6 +510,29 @@ def check_architectures(sources: tuple[SourceImage, ...]) -> None:
                 f"app's CPU and the sleeve on the same host; use {source.name} images built for "
                 f"{app.architecture} (docker build --platform linux/{app.architecture})"
             )
+
+
+def check_target_architecture(sources: tuple[SourceImage, ...], target: str | None) -> None:
+    """Refuse, before anything is built, an app image the target parent's CPU cannot run.
+
+    Docker names architectures as Go does (amd64, arm64), the kernel as ``uname -m`` does
+    (x86_64, aarch64); docs/build.md, "Architecture".
+    """
+    app = next((source for source in sources if source.name == "app"), None)
+    if not target or app is None:
+        return
+    kernel_names = {**ARCHITECTURES, **{name: name for name in ARCHITECTURES.values()}}
+    wanted = kernel_names.get(target, target)
+    found = kernel_names.get(app.architecture, app.architecture)
+    if found != wanted:
+        docker_name = {kernel: go for go, kernel in ARCHITECTURES.items()}.get(wanted, wanted)
+        built_for = app.architecture or "an unknown architecture"
+        raise SourceImageError(
+            f"sources.app ({app.reference}) is built for {built_for}, but the target parent "
+            f"is {target}: an enclave runs on the parent's CPU; build the "
+            f"app for it (docker build --platform linux/{docker_name}) or name an image built "
+            "for it in a registry (Graviton parents: an arm64 image)"
+        )
 
 
 # --------------------------------------------------------------------------------------------

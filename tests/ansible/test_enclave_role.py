@@ -27,6 +27,7 @@ import yaml
 from enclave_runtime.host.project_images import ensure_project_images
 from enclave_runtime.host.service_state import enclave_init_client, read_services
 from tests.ansible.role_support import (
+    EXAMPLE,
     VENV_BIN,
     build_app_image,
     output,
@@ -255,3 +256,28 @@ def test_inputs_that_cannot_deploy_fail_first_with_what_to_give(
     result = _input_check(tmp_path, variables)
     assert result.returncode != 0
     assert message in " ".join(result.stdout.split()), output(result)
+
+
+def test_a_signing_key_on_the_controller_is_refused_and_never_copied(tmp_path: Path) -> None:
+    source = tmp_path / "app"
+    source.mkdir()
+    manifest = yaml.safe_load((EXAMPLE / "enclaver.yaml").read_text())
+    manifest["signature"] = {"certificate": "cert.pem", "key": "key.pem"}
+    (source / "enclaver.yaml").write_text(yaml.safe_dump(manifest))
+    (source / "cert.pem").write_text("certificate\n")
+    (source / "key.pem").write_text("PRIVATE KEY\n")
+    state = tmp_path / "state"
+
+    result = _input_check(
+        tmp_path,
+        {"enclave_manifest": str(source / "enclaver.yaml"), "enclave_state_dir": str(state)},
+    )
+
+    assert result.returncode != 0
+    failure = " ".join(result.stdout.split())
+    assert (
+        f"signature.key in {source / 'enclaver.yaml'} (key.pem) is a private key on the "
+        "controller, and the role does not copy signing keys to parents"
+    ) in failure, output(result)
+    copies = [p for p in tmp_path.rglob("*") if p.is_file() and p.read_text() == "PRIVATE KEY\n"]
+    assert copies == [source / "key.pem"]

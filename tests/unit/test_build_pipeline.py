@@ -368,6 +368,29 @@ def test_a_runtime_of_another_architecture_is_refused() -> None:
         check_architectures(sources)
 
 
+@pytest.mark.parametrize("parent", ["aarch64", "arm64"])
+def test_an_app_for_another_cpu_than_the_parents_is_refused_before_the_build(
+    manifest_path, parent: str
+) -> None:
+    engine = FakeEngine(_local_sources())  # an amd64 app, as built on an x86 controller
+
+    with pytest.raises(SourceImageError) as err:
+        plan_build(manifest_path, BuildOptions(target_architecture=parent), engine)
+
+    assert str(err.value).startswith(
+        f"sources.app (example/hello:1.0) is built for amd64, but the target parent is {parent}"
+    )
+    assert "docker build --platform linux/arm64" in str(err.value)
+
+
+@pytest.mark.parametrize("parent", ["x86_64", "amd64", None])
+def test_an_app_for_the_parents_cpu_is_planned(manifest_path, parent: str | None) -> None:
+    plan = plan_build(
+        manifest_path, BuildOptions(target_architecture=parent), FakeEngine(_local_sources())
+    )
+    assert plan.sources[0].architecture == "amd64"
+
+
 # --------------------------------------------------------------------------------------------
 # Builder, signing, inputs
 

@@ -185,13 +185,16 @@ class FakeOdyn:
     )
     servers: list[asyncio.AbstractServer] = field(default_factory=list)
     log_connections: int = 0
+    finish: asyncio.Event = field(init=False)
+    final_sent: asyncio.Event = field(init=False)
+    log_clients: asyncio.Event = field(init=False)
 
-    def __post_init__(self) -> None:
+    async def start(self) -> None:
+        # Made here, in the running loop: on Python 3.9 an asyncio.Event made outside one binds
+        # to get_event_loop(), which asyncio.run() has already reset (docs/development.md).
         self.finish = asyncio.Event()  # the test lets the application end
         self.final_sent = asyncio.Event()
         self.log_clients = asyncio.Event()
-
-    async def start(self) -> None:
         self.servers.append(await self.fabric.start_server(self._status, STATUS_PORT))
         self.servers.append(await self.fabric.start_server(self._log, APP_LOG_PORT))
 

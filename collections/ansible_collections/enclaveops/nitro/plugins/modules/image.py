@@ -71,6 +71,16 @@ options:
         checked against that SHA-256 and reported as a change.
       - The directory must exist.
     type: path
+  target_architecture:
+    description:
+      - The CPU of the parent that will run the enclave, as C(uname -m) or Ansible's
+        C(ansible_architecture) names it (C(x86_64), C(aarch64)); Docker's C(amd64)/C(arm64) are
+        accepted too.
+      - When set, an app image built for another architecture is refused before anything is
+        built or pulled. An image built on an x86 controller cannot run on a Graviton parent;
+        build it with C(--platform linux/arm64) or name an arm64 image in a registry.
+    type: str
+    version_added: 0.1.0
 extends_documentation_fragment:
   - enclaveops.nitro.nitro
   - enclaveops.nitro.attributes
@@ -230,6 +240,7 @@ def build_options(pipeline, module):
         blobs=params["blobs"],
         force=params["force"],
         eif_output=params["eif_output"],
+        target_architecture=params["target_architecture"],
     )
 
 
@@ -315,6 +326,7 @@ def main():
             blobs=dict(type="path"),
             force=dict(type="bool", default=False),
             eif_output=dict(type="path"),
+            target_architecture=dict(type="str"),
         ),
         supports_check_mode=True,
     )

@@ -237,3 +237,12 @@ def test_check_mode_that_would_build_reports_no_eif_and_no_amended_image(
 
     assert (predicted["changed"], predicted["eif"], predicted["amended"]) == (True, None, None)
     assert not (tmp_path / "hello.eif").exists()
+
+
+def test_the_parents_architecture_reaches_the_pipeline(run_module, fake) -> None:
+    stand_in = fake(up_to_date=False)
+
+    run_module(image.main, {"manifest": "enclaver.yaml", "target_architecture": "aarch64"})
+
+    ((_call, options),) = stand_in.calls
+    assert options.target_architecture == "aarch64"
