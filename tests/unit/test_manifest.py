@@ -1086,7 +1086,9 @@ def test_kms_proxy_needs_egress_to_imds_and_kms() -> None:
 
     assert errors == [
         "egress.allow: blocks IMDS, which kms_proxy needs for the parent's credentials "
-        "(169.254.169.254 is in no allowed network); add 169.254.169.254 to egress.allow",
+        "(169.254.169.254 is in 169.254.0.0/16 (loopback, link-local or instance metadata), "
+        "denied by default; allow it explicitly with an IP rule (egress.allow: "
+        "[169.254.169.254])); add 169.254.169.254 to egress.allow",
         "egress.allow: blocks every KMS endpoint, which kms_proxy forwards to; add "
         "kms.*.amazonaws.com (or kms.<region>.amazonaws.com) to egress.allow",
     ]
