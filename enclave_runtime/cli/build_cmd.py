@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from enclave_runtime.host.build_pipeline import (
+from enclave_runtime.build.pipeline import (
     BUILDERS,
     BuildOptions,
     BuildResult,

@@ -12,7 +12,7 @@ A release image's entrypoint is ``sleeve`` (host/sleeve.py), which starts the en
   path, with ``NITRO_EMU_ROOT`` set, so host tools (``nitro-emu describe-enclaves``,
   ``initctl`` over the fabric) see and reach the enclave the container started; a named
   allocator file the same way; and the privileges the emulator's sandbox needs
-  (project_images' ``emulator_container_settings``).
+  (:mod:`.emulator_container`).
 
 ``enclaveops run`` and the ``enclaveops.nitro.sleeve`` module both go through here. Containers
 carry their configuration as labels (the options as JSON, and a digest of the whole container
@@ -32,14 +32,14 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from enclave_runtime.errors import EnclaveOpsError
-from enclave_runtime.host.docker_rootfs import (
+from enclave_runtime.host.docker_engine import (
     DockerError,
     ImageNotFoundError,
     docker_module,
     get_image,
 )
+from enclave_runtime.host.emulator_container import emulator_container_settings
 from enclave_runtime.host.nitro_cli import EnclaveInfo, NitroCli
-from enclave_runtime.host.project_images import emulator_container_settings
 
 if TYPE_CHECKING:
     from docker import DockerClient

@@ -27,6 +27,13 @@ from pathlib import Path
 from typing import Callable
 
 from enclave_runtime.errors import EnclaveOpsError
+from enclave_runtime.formats.init_errors import (
+    InitError,
+    InternalError,
+    InvalidRequestError,
+    ServerBusyError,
+    UnsupportedError,
+)
 from enclave_runtime.formats.init_protocol import (
     MAX_REQUEST_SIZE,
     ErrorResponse,
@@ -51,14 +58,7 @@ from enclave_runtime.formats.manifest import (
     Control,
 )
 from enclave_runtime.formats.vsock_ports import INIT_CONTROL_PORT
-from enclave_runtime.init.controller import (
-    InitError,
-    InternalError,
-    InvalidRequestError,
-    ServerBusyError,
-    ServiceController,
-    UnsupportedError,
-)
+from enclave_runtime.init.controller import ServiceController
 from enclave_runtime.transport import vsock
 
 LOG = logging.getLogger("odyn")

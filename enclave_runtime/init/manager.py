@@ -27,7 +27,7 @@ The delay doubles from ``RestartSec`` (at least :data:`MIN_RESTART_DELAY`) with 
 up to ``backoff_cap`` (or ``RestartSec`` if larger), and falls back to ``RestartSec`` after a run
 of at least ``stable_after`` seconds: a crash loop costs a start every few minutes, not a CPU.
 
-**Exits** are learnt from odyn's :class:`~enclave_runtime.odyn.launcher.ChildReaper`, which
+**Exits** are learnt from odyn's :class:`~enclave_runtime.process.launcher.ChildReaper`, which
 reaps every child; the manager never waits for a process itself.
 """
 
@@ -46,6 +46,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from enclave_runtime.formats.init_errors import (
+    DependencyError,
+    ServiceStartError,
+    ServiceStateError,
+    ShutdownInProgressError,
+    UnitFileError,
+    UnknownServiceError,
+)
 from enclave_runtime.formats.init_protocol import (
     ACTIVE_STATES,
     MAX_LOG_LINES,
@@ -66,18 +74,10 @@ from enclave_runtime.formats.service_unit import (
     unit_file_name,
     unit_file_path,
 )
-from enclave_runtime.init.controller import (
-    DependencyError,
-    ServiceStartError,
-    ServiceStateError,
-    ShutdownInProgressError,
-    UnitFileError,
-    UnknownServiceError,
-)
 from enclave_runtime.init.graph import StartPlan, plan_start
 from enclave_runtime.init.service_logs import Forward, ServiceLog
-from enclave_runtime.odyn.launcher import ChildReaper, Credentials, LaunchError, resolve_user
-from enclave_runtime.odyn.streams import Broadcast
+from enclave_runtime.process.launcher import ChildReaper, Credentials, LaunchError, resolve_user
+from enclave_runtime.process.streams import Broadcast
 
 LOG = logging.getLogger("odyn")
 

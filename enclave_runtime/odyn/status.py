@@ -11,7 +11,7 @@ import asyncio
 
 from enclave_runtime.formats.protocol import AppStatus, encode_status_line
 from enclave_runtime.formats.vsock_ports import STATUS_PORT
-from enclave_runtime.odyn.streams import (
+from enclave_runtime.process.streams import (
     DEFAULT_MAX_CLIENTS,
     Broadcast,
     StreamServer,

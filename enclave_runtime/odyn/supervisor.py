@@ -44,7 +44,8 @@ from enclave_runtime.formats.vsock_ports import APP_LOG_PORT, STATUS_PORT
 from enclave_runtime.odyn.bootstrap import bootstrap
 from enclave_runtime.odyn.console import Console
 from enclave_runtime.odyn.kms_proxy import start_kms_proxy
-from enclave_runtime.odyn.launcher import (
+from enclave_runtime.odyn.status import StatusServer
+from enclave_runtime.process.launcher import (
     DEFAULT_GRACE_PERIOD,
     App,
     ChildReaper,
@@ -54,7 +55,6 @@ from enclave_runtime.odyn.launcher import (
     resolve_user,
     start_app,
 )
-from enclave_runtime.odyn.status import StatusServer
 from enclave_runtime.transport.nsm import DEFAULT_NSM_PATH
 
 LOG = logging.getLogger("odyn")

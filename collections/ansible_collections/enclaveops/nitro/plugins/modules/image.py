@@ -1,7 +1,7 @@
 #!/usr/bin/python
 # Copyright: EnclaveOps contributors
 # Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
-"""Ansible module enclaveops.nitro.image: thin over enclave_runtime.host.build_pipeline.build."""
+"""Ansible module enclaveops.nitro.image: thin over enclave_runtime.build.pipeline.build."""
 
 from __future__ import annotations
 
@@ -290,12 +290,12 @@ def predicted_result(pipeline, client, module, options):
 def run(module):
     import_docker(module)
     errors = import_runtime(module, "enclave_runtime.errors")
-    pipeline = import_runtime(module, "enclave_runtime.host.build_pipeline")
-    docker_rootfs = import_runtime(module, "enclave_runtime.host.docker_rootfs")
+    pipeline = import_runtime(module, "enclave_runtime.build.pipeline")
+    docker_engine = import_runtime(module, "enclave_runtime.host.docker_engine")
     apply_environment(module)
     options = build_options(pipeline, module)
     try:
-        client = docker_rootfs.docker_client()
+        client = docker_engine.docker_client()
         if module.check_mode:
             module.exit_json(**predicted_result(pipeline, client, module, options))
         build = pipeline.build(module.params["manifest"], options, client=client)

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from ansible_collections.enclaveops.nitro.plugins.modules import image
 
-pipeline = pytest.importorskip("enclave_runtime.host.build_pipeline")
-docker_rootfs = pytest.importorskip("enclave_runtime.host.docker_rootfs")
+pipeline = pytest.importorskip("enclave_runtime.build.pipeline")
+docker_engine = pytest.importorskip("enclave_runtime.host.docker_engine")
 pcr = pytest.importorskip("enclave_runtime.formats.pcr")
-image_layers = pytest.importorskip("enclave_runtime.host.image_layers")
+image_layers = pytest.importorskip("enclave_runtime.build.image_layers")
 
 TARGET = "hello-release:latest"
 MEASUREMENTS = pcr.Measurements(bytes(48), b"\x01" * 48, b"\x02" * 48)
@@ -90,7 +90,7 @@ def fake(monkeypatch):
         stand_in = Pipeline(up_to_date)
         for name in ("plan_build", "existing_release", "build"):
             monkeypatch.setattr(pipeline, name, getattr(stand_in, name))
-        monkeypatch.setattr(docker_rootfs, "docker_client", object)
+        monkeypatch.setattr(docker_engine, "docker_client", object)
         return stand_in
 
     return install

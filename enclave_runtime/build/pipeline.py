@@ -34,26 +34,15 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable
 
 import enclave_runtime
-from enclave_runtime.emulator.state import minimum_memory_mib
-from enclave_runtime.errors import EnclaveOpsError
-from enclave_runtime.formats.eif import SectionType, read_eif
-from enclave_runtime.formats.manifest import Manifest, load_manifest
-from enclave_runtime.formats.pcr import Measurements
-from enclave_runtime.host.docker_rootfs import (
-    DockerError,
+from enclave_runtime.build.docker_rootfs import (
     ImageConfig,
     ImageConfigError,
-    ImageNotFoundError,
-    ImagePullError,
     SpoolError,
-    docker_client,
-    docker_module,
     export_rootfs,
-    get_image,
     image_config,
 )
-from enclave_runtime.host.eif_builder import AWS_BLOBS, ENV_BLOBS, build_eif_from_image, find_blobs
-from enclave_runtime.host.image_layers import (
+from enclave_runtime.build.eif_builder import AWS_BLOBS, ENV_BLOBS, build_eif_from_image, find_blobs
+from enclave_runtime.build.image_layers import (
     AppendedImage,
     LayerBuilder,
     LayerError,
@@ -63,14 +52,27 @@ from enclave_runtime.host.image_layers import (
     disk_error,
     require_classic_image_store,
 )
-from enclave_runtime.host.nitro_cli import NitroCli
-from enclave_runtime.host.project_images import (
+from enclave_runtime.build.project_images import (
     RUNTIME_PREFIX,
     runtime_command,
     runtime_image_tag,
     sleeve_emulator_image_tag,
     sleeve_nitro_image_tag,
 )
+from enclave_runtime.errors import EnclaveOpsError
+from enclave_runtime.formats.eif import SectionType, read_eif
+from enclave_runtime.formats.manifest import Manifest, load_manifest
+from enclave_runtime.formats.nitro_cli_rules import minimum_memory_mib
+from enclave_runtime.formats.pcr import Measurements
+from enclave_runtime.host.docker_engine import (
+    DockerError,
+    ImageNotFoundError,
+    ImagePullError,
+    docker_client,
+    docker_module,
+    get_image,
+)
+from enclave_runtime.host.nitro_cli import NitroCli
 
 if TYPE_CHECKING:
     from docker import DockerClient
