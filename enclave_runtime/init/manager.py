@@ -27,8 +27,9 @@ The delay doubles from ``RestartSec`` (at least :data:`MIN_RESTART_DELAY`) with 
 up to ``backoff_cap`` (or ``RestartSec`` if larger), and falls back to ``RestartSec`` after a run
 of at least ``stable_after`` seconds: a crash loop costs a start every few minutes, not a CPU.
 
-**Exits** are learnt from the process layer's :class:`~enclave_runtime.process.launcher.ChildReaper`, which
-reaps every child; the manager never waits for a process itself.
+**Exits** are learnt from the process layer's
+:class:`~enclave_runtime.process.launcher.ChildReaper`, which reaps every child; the manager never
+waits for a process itself.
 """
 
 from __future__ import annotations
