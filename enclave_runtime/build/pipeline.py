@@ -60,7 +60,6 @@ from enclave_runtime.build.project_images import (
     sleeve_nitro_image_tag,
 )
 from enclave_runtime.errors import EnclaveOpsError
-from enclave_runtime.formats.eif import SectionType, read_eif
 from enclave_runtime.formats.manifest import Manifest, load_manifest
 from enclave_runtime.formats.nitro_cli_rules import minimum_memory_mib
 from enclave_runtime.formats.pcr import Measurements
@@ -196,26 +195,6 @@ class BuildResult:
         if self.amended_image is not None:
             document["AmendedImage"] = self.amended_image
         return document
-
-
-@dataclasses.dataclass(frozen=True)
-class SectionDigest:
-    """One EIF section as ``--explain`` shows it: what it is, its size and digest, its PCRs."""
-
-    index: int
-    kind: str
-    size: int
-    sha384: str
-    pcrs: tuple[int, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "Index": self.index,
-            "Type": self.kind,
-            "Size": self.size,
-            "SHA384": self.sha384,
-            "PCRs": list(self.pcrs),
-        }
 
 
 # --------------------------------------------------------------------------------------------
@@ -818,38 +797,6 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def explain(eif: str | os.PathLike[str]) -> list[SectionDigest]:
-    """Each section of the EIF with its size, SHA-384 and the PCRs that measure it."""
-    image = read_eif(eif)
-    first_ramdisk = image.ramdisk_sections()[0].index if image.ramdisk_sections() else -1
-    digests = []
-    for section in image.sections:
-        hasher = hashlib.sha384()
-        with image.open_section(section) as data:
-            for chunk in iter(lambda: data.read(_HASH_CHUNK), b""):
-                hasher.update(chunk)
-        digests.append(
-            SectionDigest(
-                section.index,
-                section.section_type.label,
-                section.size,
-                hasher.hexdigest(),
-                _pcrs_of(section.section_type, section.index == first_ramdisk),
-            )
-        )
-    return digests
-
-
-def _pcrs_of(kind: SectionType, first_ramdisk: bool) -> tuple[int, ...]:
-    if kind in (SectionType.KERNEL, SectionType.CMDLINE) or first_ramdisk:
-        return (0, 1)
-    if kind is SectionType.RAMDISK:
-        return (0, 2)
-    if kind is SectionType.SIGNATURE:
-        return (8,)  # PCR8 measures the certificate inside it, not the section
-    return ()
 
 
 # --------------------------------------------------------------------------------------------

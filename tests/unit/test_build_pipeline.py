@@ -17,6 +17,7 @@ import docker
 import pytest
 
 from enclave_runtime.build.docker_rootfs import ImageConfigError, image_config
+from enclave_runtime.build.explain import explain
 from enclave_runtime.build.image_layers import ImageStoreError, NoSpaceError, uses_containerd_store
 from enclave_runtime.build.pipeline import (
     LABEL_AMEND_INPUTS,
@@ -41,7 +42,6 @@ from enclave_runtime.build.pipeline import (
     check_memory,
     choose_builder,
     existing_release,
-    explain,
     odyn_entrypoint,
     plan_build,
     prune_superseded,
