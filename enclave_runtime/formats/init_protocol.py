@@ -1,4 +1,4 @@
-"""The init control protocol (DESIGN §4.4): enclave-init's JSON requests and responses.
+"""The init control protocol (docs/init.md): enclave-init's JSON requests and responses.
 
 Messages are serde's externally tagged enums, as the Sentient Enclaves Framework's enclave-init
 speaks them (``enclave-init/src/protocol.rs``): a unit variant is a bare string (``"Ping"``), a

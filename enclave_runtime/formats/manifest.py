@@ -1,4 +1,4 @@
-"""enclaver.yaml, the manifest (DESIGN §4.1): read it, check it, return typed settings.
+"""enclaver.yaml, the manifest (docs/manifest.md): read it, check it, return typed settings.
 
 Checking has two stages and reports everything both find in one :class:`ManifestError`: the
 JSON Schema shipped beside this module (``data/manifest.schema.json``) fixes keys, shapes and

@@ -1,4 +1,4 @@
-"""Wire formats spoken across the enclave boundary (DESIGN §4.2).
+"""Wire formats spoken across the enclave boundary (docs/odyn.md, docs/vsock.md).
 
 Each section is one protocol; every decoder takes bytes from the other side of the boundary and
 raises only its own :class:`~enclave_runtime.errors.FormatError` subclass.

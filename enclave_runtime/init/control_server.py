@@ -1,4 +1,4 @@
-"""The init control server: the control protocol on a Unix socket and on vsock (DESIGN §4.4).
+"""The init control server: the control protocol on a Unix socket and on vsock (docs/init.md).
 
 One request per connection: the server reads until a newline, a half-close, or (for
 enclave-init's initctl, which sends one JSON value and then waits) a complete JSON value, answers
