@@ -9,6 +9,7 @@ from __future__ import annotations
 
 # Parent (CID 3) listens: the enclave's init connects at boot, sends 0xB7 and expects it back.
 HEARTBEAT_PORT = 9000
+HEARTBEAT = b"\xb7"
 # Enclave listens: the init control protocol (docs/init.md), served to allowed peer CIDs only.
 INIT_CONTROL_PORT = 9001
 # Enclave listens: the application's status as JSON lines.

@@ -177,13 +177,17 @@ def _describe(enclaves: list[EnclaveInfo]) -> str:
 
 def enclave_init_client(
     cid: int,
-    port: int = INIT_CONTROL_PORT,
+    port: int | None = None,
     *,
     emulator_root: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> InitClient:
-    """A client for the init of enclave ``cid``, as the parent (the emulator's fabric if given)."""
-    config = InitctlConfig(protocol="vsock", vsock_cid=cid, vsock_port=port, timeout=timeout)
+    """A client for the init of enclave ``cid``, as the parent (the emulator's fabric if given).
+
+    ``port`` None is the init control port every EnclaveOps enclave serves (INIT_CONTROL_PORT).
+    """
+    vsock_port = INIT_CONTROL_PORT if port is None else port
+    config = InitctlConfig(protocol="vsock", vsock_cid=cid, vsock_port=vsock_port, timeout=timeout)
     fabric = EmulatedFabric(Path(emulator_root), PARENT_CID) if emulator_root else None
     return InitClient(config, fabric=fabric)
 
