@@ -14,7 +14,6 @@ eight. Only JSON-compatible values are accepted, and duplicate keys are errors.
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import graphlib
 import ipaddress
@@ -32,6 +31,7 @@ import jsonschema
 import yaml
 
 from enclave_runtime.errors import EnclaveOpsError, FormatError
+from enclave_runtime.formats.suggestions import did_you_mean
 from enclave_runtime.formats.vsock_ports import INIT_CONTROL_PORT, PARENT_CID, RESERVED_PORT_NAMES
 
 MANIFEST_VERSION = "v1"
@@ -747,18 +747,7 @@ def _as_list(value: Any) -> list[Any]:
 def _enum_message(allowed: Sequence[Any], got: Any) -> str:
     choices = [value for value in allowed if value is not None]
     message = f"must be one of {', '.join(_show(value) for value in choices)}; got {_show(got)}"
-    return message + _did_you_mean(got, [str(value) for value in choices], quote=_show)
-
-
-def _did_you_mean(word: Any, candidates: Sequence[str], quote: Any = repr) -> str:
-    """A close match among ``candidates`` (typo or wrong case), quoted like the message."""
-    if not isinstance(word, str):
-        return ""
-    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    if not match:
-        lowered = {candidate.lower(): candidate for candidate in candidates}
-        match = [lowered[word.lower()]] if word.lower() in lowered else []
-    return f" (did you mean {quote(match[0])}?)" if match else ""
+    return message + did_you_mean(got, [str(value) for value in choices], quote=_show)
 
 
 _UNKNOWN_KEY_HINTS = {
@@ -779,7 +768,7 @@ def _unknown_keys(path: DocPath, instance: dict[str, Any], known: list[str]) -> 
         if hint:
             message = f"unknown {where} {key!r}: {hint}"
         else:
-            suggestion = _did_you_mean(key, known)
+            suggestion = did_you_mean(key, known)
             listing = f"; known keys: {', '.join(known)}" if not suggestion else ""
             message = f"unknown {where} {key!r}{suggestion}{listing}"
         yield _Finding(path, message, at=(*path, key))
@@ -1063,7 +1052,7 @@ def _names(value: Any) -> list[tuple[int, str]]:
 
 
 def _unknown_service(target: str, names: Sequence[str]) -> str:
-    suggestion = _did_you_mean(target, names, quote=_show)
+    suggestion = did_you_mean(target, names, quote=_show)
     defined = f"; defined: {', '.join(names)}" if names and not suggestion else ""
     return f"unknown service {_show(target)}{suggestion}{defined}"
 

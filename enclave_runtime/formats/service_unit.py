@@ -19,7 +19,6 @@ there and ``reload`` re-reads it); the manifest holds the image's defaults. A
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import math
@@ -46,6 +45,7 @@ from enclave_runtime.formats.manifest import (
     manifest_schema,
     strict_validator,
 )
+from enclave_runtime.formats.suggestions import did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -338,7 +338,7 @@ def _describe(error: jsonschema.ValidationError) -> Iterator[str]:
             if key in _SYSTEMD_SECTIONS:
                 yield f"[{key}]: {_SYSTEMD_HINT}"
             elif key not in known:
-                hint = _did_you_mean(key, known)
+                hint = did_you_mean(key, known)
                 yield f"unknown key {key!r}{hint}; known keys: {', '.join(known)}"
     elif keyword == "type":
         wanted = (
@@ -351,7 +351,7 @@ def _describe(error: jsonschema.ValidationError) -> Iterator[str]:
     elif keyword == "enum":
         choices = [value for value in error.validator_value if value is not None]
         listed = ", ".join(_show(value) for value in choices)
-        hint = _did_you_mean(error.instance, choices)
+        hint = did_you_mean(error.instance, choices)
         yield f"{where}: must be one of {listed}; got {_show(error.instance)}{hint}"
     elif "x-message" in schema:
         yield f"{where}: {schema['x-message']}, got {_show(error.instance)}"
@@ -359,16 +359,6 @@ def _describe(error: jsonschema.ValidationError) -> Iterator[str]:
         yield f"{where}: must be at least {schema['minimum']}, got {_show(error.instance)}"
     else:
         yield f"{where}: {' '.join(error.message.split())}"
-
-
-def _did_you_mean(word: Any, candidates: list[str]) -> str:
-    if not isinstance(word, str):
-        return ""
-    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    if not match:
-        lowered = {candidate.lower(): candidate for candidate in candidates}
-        match = [lowered[word.lower()]] if word.lower() in lowered else []
-    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def _show(value: Any) -> str:
