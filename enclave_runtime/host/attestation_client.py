@@ -38,6 +38,7 @@ from enclave_runtime.formats.attestation import (
     load_root_certificate,
     verify_attestation_document,
 )
+from enclave_runtime.formats.pcr import Measurements, pcr_from_hex
 from enclave_runtime.transport import vsock
 
 ATTESTATION_PATH = "/v1/attestation"
@@ -118,12 +119,15 @@ def parse_nonce(text: str) -> bytes:
     return nonce
 
 
-def parse_expected_pcrs(expected: Mapping[Any, Any]) -> dict[int, bytes]:
+def parse_expected_pcrs(expected: Mapping[Any, Any] | Measurements) -> dict[int, bytes]:
     """Expected PCRs from ``{index: hex}``; keys may be 0, "0" or "PCR0".
 
     nitro-cli's Measurements (``{"HashAlgorithm": ..., "PCR0": ...}``, as the eif and
-    eif_info modules return them) are accepted as they are; ``HashAlgorithm`` is skipped.
+    eif_info modules return them) are accepted as they are; ``HashAlgorithm`` is skipped. A
+    :class:`~enclave_runtime.formats.pcr.Measurements` gives its PCRs as they are.
     """
+    if isinstance(expected, Measurements):
+        return expected.as_pcrs()
     pcrs: dict[int, bytes] = {}
     for key, value in expected.items():
         if key == _MEASUREMENT_ALGORITHM_KEY:
@@ -145,14 +149,11 @@ def _pcr_index(key: Any) -> int:
 
 def _pcr_value(index: int, value: Any) -> bytes:
     try:
-        pcr = bytes.fromhex(str(value))
+        return pcr_from_hex(value)
     except ValueError:
-        pcr = b""
-    if len(pcr) != PCR_LENGTH:
         raise AttestationInputError(
             f"expected PCR {index} is not {PCR_LENGTH * 2} hex digits (a SHA-384 value): {value!r}"
-        )
-    return pcr
+        ) from None
 
 
 def load_root(path: str | os.PathLike[str] | None) -> x509.Certificate:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from enclave_runtime.errors import EnclaveOpsError
-from enclave_runtime.formats.pcr import Measurements
+from enclave_runtime.formats.pcr import Measurements, pcr_differences
 from enclave_runtime.host.nitro_cli import EnclaveInfo, NitroCli, NitroCliError
 
 STATES = ("running", "absent", "restarted")
@@ -158,11 +158,10 @@ def _compare(reasons: list[str], key: str, actual: Any, wanted: Any) -> None:
 
 
 def _measurement_differences(actual: Measurements, expected: Measurements) -> list[str]:
-    running, wanted = actual.to_nitro_cli(), expected.to_nitro_cli()
     return [
-        f"{key} of the running enclave differs from the EIF's ({running.get(key)} != {value})"
-        for key, value in wanted.items()
-        if key.startswith("PCR") and running.get(key) != value
+        f"PCR{index} of the running enclave differs from the EIF's "
+        f"({None if have is None else have.hex()} != {want.hex()})"
+        for index, want, have in pcr_differences(expected.as_pcrs(), actual.as_pcrs())
     ]
 
 
