@@ -237,3 +237,37 @@ def test_check_mode_that_would_build_reports_no_eif_and_no_amended_image(
 
     assert (predicted["changed"], predicted["eif"], predicted["amended"]) == (True, None, None)
     assert not (tmp_path / "hello.eif").exists()
+
+
+def test_expected_pcrs_that_match_pass(run_module, fake) -> None:
+    fake(up_to_date=True)
+
+    built = run_module(
+        image.main, {"manifest": "enclaver.yaml", "expected_pcrs": MEASUREMENTS.to_nitro_cli()}
+    )
+
+    assert not built["failed"], built
+    assert built["measurements"] == MEASUREMENTS.to_nitro_cli()
+
+
+def test_other_pcrs_than_expected_fail_naming_the_pcr(run_module, fake) -> None:
+    fake(up_to_date=True)
+    expected = {"PCR0": "00" * 48, "PCR2": "ff" * 48}
+
+    failed = run_module(image.main, {"manifest": "enclaver.yaml", "expected_pcrs": expected})
+
+    assert failed["failed"]
+    assert failed["msg"] == (
+        f"the release image {TARGET}@sha256:rel has PCR2 {'02' * 48}, expected {'ff' * 48}: it "
+        "was built from other inputs than the expected PCRs come from"
+    )
+    assert failed["measurements"] == MEASUREMENTS.to_nitro_cli()
+
+
+def test_expected_pcrs_that_are_not_pcrs_fail_with_the_key(run_module, fake) -> None:
+    fake(up_to_date=True)
+
+    failed = run_module(image.main, {"manifest": "enclaver.yaml", "expected_pcrs": {"0": "abc"}})
+
+    assert failed["failed"]
+    assert "expected PCR 0 is not 96 hex digits" in failed["msg"]
