@@ -31,6 +31,11 @@ import jsonschema
 import yaml
 
 from enclave_runtime.errors import EnclaveOpsError, FormatError
+from enclave_runtime.formats.service_graph import (
+    DEPENDENCY_KEYS,
+    ordering_edges,
+    repeated_variables,
+)
 from enclave_runtime.formats.suggestions import did_you_mean
 from enclave_runtime.formats.vsock_ports import INIT_CONTROL_PORT, PARENT_CID, RESERVED_PORT_NAMES
 
@@ -64,7 +69,6 @@ _MAX_DEPTH = 32
 _MAX_DOMAIN_LENGTH = 253
 _MAX_LABEL_LENGTH = 63
 _DOMAIN_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?\Z")
-_DEPENDENCY_KEYS = ("Requires", "After", "Before", "RequiredBy")
 
 PathPart = Union[str, int]
 DocPath = tuple[PathPart, ...]
@@ -1029,7 +1033,7 @@ def _service_findings(doc: dict[str, Any]) -> Iterator[_Finding]:
     relations: dict[str, dict[str, list[str]]] = {}
     for name, unit in units.items():
         unit_path: DocPath = ("services", "units", name)
-        references = {key: _names(_mapping(unit).get(key)) for key in _DEPENDENCY_KEYS}
+        references = {key: _names(_mapping(unit).get(key)) for key in DEPENDENCY_KEYS}
         for key, targets in references.items():
             for index, target in targets:
                 if target not in units:
@@ -1058,31 +1062,20 @@ def _unknown_service(target: str, names: Sequence[str]) -> str:
 
 
 def _environment_findings(unit_path: DocPath, environment: Any) -> Iterator[_Finding]:
-    first: dict[str, int] = {}
-    for index, item in enumerate(_items(environment)):
-        if not isinstance(item, str) or "=" not in item:
-            continue
-        name = item.split("=", 1)[0]
-        if name in first:
-            message = f"sets {name} again (first set by Environment[{first[name]}])"
-            yield _Finding((*unit_path, "Environment", index), message)
-        first.setdefault(name, index)
+    for index, name, first in repeated_variables(_items(environment)):
+        message = f"sets {name} again (first set by Environment[{first}])"
+        yield _Finding((*unit_path, "Environment", index), message)
 
 
 def _start_order(relations: Mapping[str, Mapping[str, Sequence[str]]]) -> tuple[str, ...]:
     """Topological start order; raises graphlib.CycleError naming the cycle.
 
-    X ``Requires``/``After`` Y: Y starts first (enclave-init orders by Requires too).
-    X ``Before``/``RequiredBy`` Y: X starts first. Names that are not units are ignored.
+    The ordering rule is :func:`enclave_runtime.formats.service_graph.ordering_edges`.
     """
     starts_after: dict[str, set[str]] = {name: set() for name in relations}
-    for name, keys in relations.items():
-        for earlier in (*keys.get("Requires", ()), *keys.get("After", ())):
-            if earlier in starts_after:
-                starts_after[name].add(earlier)
-        for later in (*keys.get("Before", ()), *keys.get("RequiredBy", ())):
-            if later in starts_after:
-                starts_after[later].add(name)
+    for earlier, later_names in ordering_edges(relations).items():
+        for later in later_names:
+            starts_after[later].add(earlier)
     sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
     for name in sorted(starts_after):
         sorter.add(name, *sorted(starts_after[name]))

@@ -45,6 +45,7 @@ from enclave_runtime.formats.manifest import (
     manifest_schema,
     strict_validator,
 )
+from enclave_runtime.formats.service_graph import repeated_variables
 from enclave_runtime.formats.suggestions import did_you_mean
 
 if sys.version_info >= (3, 11):
@@ -285,15 +286,8 @@ def _command_problems(exec_start: str) -> Iterator[str]:
 def _environment_problems(environment: Any) -> Iterator[str]:
     if not isinstance(environment, list):
         return
-    first: dict[str, int] = {}
-    for index, item in enumerate(environment):
-        if not isinstance(item, str) or "=" not in item:
-            continue
-        variable = item.split("=", 1)[0]
-        if variable in first:
-            again = f"sets {variable} again (first set by Environment[{first[variable]}])"
-            yield f"Environment[{index}]: {again}"
-        first.setdefault(variable, index)
+    for index, variable, first in repeated_variables(environment):
+        yield f"Environment[{index}]: sets {variable} again (first set by Environment[{first}])"
 
 
 @functools.lru_cache(maxsize=1)
