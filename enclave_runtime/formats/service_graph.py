@@ -1,6 +1,6 @@
 """The rules of unit dependencies that the manifest checks and the init's planner share.
 
-Ordering (docs/init.md, "Dependencies"): X ``Requires`` or ``After`` Y starts Y first
+Ordering (docs/init.md, "Start order"): X ``Requires`` or ``After`` Y starts Y first
 (enclave-init orders by Requires too); X ``Before`` or ``RequiredBy`` Y starts X first. Names
 that are not units are ignored here (the callers report them). An ``Environment`` list that sets
 a variable twice is reported at the second entry.
