@@ -26,7 +26,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -40,6 +39,7 @@ from enclave_runtime.host.docker_engine import (
 )
 from enclave_runtime.host.emulator_container import emulator_container_settings
 from enclave_runtime.host.nitro_cli import EnclaveInfo, NitroCli
+from enclave_runtime.waiting import poll
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -596,8 +596,10 @@ def wait_for_enclave(container: Container, cli: NitroCli, timeout: float) -> Enc
     ``cli`` runs on the host: it sees the container's enclave because the container shares the
     emulator root, or on Nitro nitro-cli's sockets directory (``NITRO_CONTAINER_SETTINGS``).
     """
-    deadline = time.monotonic() + timeout
-    while True:
+    lines: list[str] = []
+
+    def running() -> EnclaveInfo | None:
+        nonlocal lines
         container.reload()
         lines = _stderr_lines(container)
         if container.status not in ("running", "restarting", "created"):
@@ -607,12 +609,15 @@ def wait_for_enclave(container: Container, cli: NitroCli, timeout: float) -> Enc
             for enclave in cli.describe_enclaves():
                 if enclave.enclave_id == started.enclave_id and enclave.state == "RUNNING":
                     return enclave
-        if time.monotonic() > deadline:
-            raise SleeveContainerError(
-                f"the enclave of container {container.name} was not running after {timeout:g} s; "
-                f"its last messages:\n{_tail(lines)}\n(docker logs {container.name} shows all)"
-            )
-        time.sleep(_POLL_INTERVAL)
+        return None
+
+    def timed_out() -> SleeveContainerError:
+        return SleeveContainerError(
+            f"the enclave of container {container.name} was not running after {timeout:g} s; "
+            f"its last messages:\n{_tail(lines)}\n(docker logs {container.name} shows all)"
+        )
+
+    return poll(running, timeout, _POLL_INTERVAL, timed_out)
 
 
 def _exited(container: Container, lines: Sequence[str]) -> SleeveExitedError:
