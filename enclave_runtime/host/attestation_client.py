@@ -20,10 +20,11 @@ import json
 import os
 import secrets
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -40,6 +41,7 @@ from enclave_runtime.formats.attestation import (
 )
 from enclave_runtime.formats.pcr import Measurements, pcr_from_hex
 from enclave_runtime.transport import vsock
+from enclave_runtime.waiting import poll
 
 ATTESTATION_PATH = "/v1/attestation"
 DEFAULT_NONCE_BYTES = 32
@@ -50,8 +52,17 @@ DEFAULT_TIMEOUT = 30.0
 _MEASUREMENT_ALGORITHM_KEY = "HashAlgorithm"
 
 
+# Between two attempts of a waiting attestation (the enclave role asked every 2 s too).
+WAIT_DELAY = 2.0
+
+
 class AttestationFetchError(EnclaveOpsError):
-    """The enclave could not be asked for a document, or answered something else."""
+    """The enclave could not be asked for a document, or answered something else.
+
+    Worth retrying: an enclave that has just booted answers once odyn listens.
+    """
+
+    retryable = True
 
 
 class AttestationInputError(EnclaveOpsError, ValueError):
@@ -289,12 +300,37 @@ def attest(
     return AttestationResult(verified=verified, nonce=nonce, source=str(source))
 
 
+def attest_waiting(
+    source: AttestationSource,
+    wait_timeout: float,
+    *,
+    delay: float = WAIT_DELAY,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    **options: Any,
+) -> AttestationResult:
+    """:func:`attest`, asked again every ``delay`` s while the enclave cannot be reached, until
+    ``wait_timeout``; a document that does not verify fails at once, the last reach error at the
+    end."""
+    last: list[AttestationFetchError] = []
+
+    def attempt() -> AttestationResult | None:
+        try:
+            return attest(source, **options)
+        except AttestationFetchError as err:
+            last[:] = [err]
+            return None
+
+    return poll(attempt, wait_timeout, delay, lambda: last[0], clock=clock, sleep=sleep)
+
+
 __all__ = [
     "AttestationFetchError",
     "AttestationInputError",
     "AttestationResult",
     "AttestationSource",
     "attest",
+    "attest_waiting",
     "fetch_document",
     "load_root",
     "new_nonce",
