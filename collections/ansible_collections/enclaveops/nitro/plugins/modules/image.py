@@ -73,8 +73,8 @@ options:
     type: path
   expected_pcrs:
     description:
-      - PCRs the release image must have, C({index: hex}) (keys C(0), C("0") or C(PCR0)), or
-        nitro-cli's C(Measurements) as a previous build returned them.
+      - PCRs the release image must have, a mapping of PCR index (C(0), C("0") or C(PCR0)) to
+        hex, or nitro-cli's C(Measurements) as a previous build returned them.
       - The module fails, naming the PCR, when the release image it built or found has others
         (it was rebuilt from other inputs in between); the release image and O(eif_output) are
         kept as they are. Not checked in check mode when a build would run.
