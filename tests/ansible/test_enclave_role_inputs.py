@@ -14,20 +14,10 @@ from typing import Any
 import pytest
 
 from tests.ansible.role_support import output, play
+from tests.unit.test_deployment import MINIMAL
 
-MANIFEST = """\
-version: v1
-name: inputs-app
-target: enclaveops-test/inputs-release:latest
-sources:
-  app: enclaveops-test/inputs:latest
-ingress:
-  - listen_port: 8080
-  - listen_port: 9101
-api:
-  listen_port: 9100
-aux_api: {}
-"""
+# The manifest of tests/unit/test_deployment.py: aux_api {} and no defaults.
+MANIFEST = MINIMAL
 PLAYBOOK = """\
 - name: Work out the enclave role's inputs
   hosts: localhost
@@ -73,7 +63,7 @@ def test_aux_api_without_a_port_and_no_defaults_take_the_runtimes_defaults(
     tmp_path: Path, mode: str
 ) -> None:
     inputs = _inputs(tmp_path, enclave_deploy_mode=mode)
-    assert inputs["name"] == "inputs-app"
+    assert inputs["name"] == "app"
     assert inputs["aux_api_port"] == 9101  # api.listen_port + 1
     assert inputs["ingress_port"] == 8080
     assert inputs["ports"] == ["8080:8080", "9101:9101"]
