@@ -37,7 +37,7 @@ from enclave_runtime.errors import EnclaveOpsError
 from enclave_runtime.host.docker_engine import DockerError, docker_client, docker_module, pull_image
 
 RUNTIME_PREFIX = "/opt/enclave-runtime"
-# host/runtime_bundle.RUNTIME_DISTRIBUTION; that module needs `packaging` (a host extra), and this
+# build/runtime_bundle.RUNTIME_DISTRIBUTION; that module needs `packaging` (a host extra), and this
 # one is imported by commands the runtime itself ships (enclaveops run), so it is imported lazily.
 RUNTIME_DISTRIBUTION = "enclave-runtime"
 RUNTIME_REPOSITORY = "enclaveops/runtime"

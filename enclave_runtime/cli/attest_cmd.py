@@ -21,11 +21,11 @@ from cryptography import x509
 from enclave_runtime.errors import EnclaveOpsError
 from enclave_runtime.formats.attestation import (
     MAX_DOCUMENT_BYTES,
-    PCR_COUNT,
     AttestationError,
     load_root_certificate,
     verify_attestation_document,
 )
+from enclave_runtime.formats.pcr import parse_pcr_index
 
 # First byte of a raw COSE_Sign1: an array of 4 (untagged) or tag 18. Neither is printable
 # ASCII, so raw CBOR and base64 text cannot be confused.
@@ -106,11 +106,12 @@ def hex_bytes(text: str) -> bytes:
 
 def expected_pcr(text: str) -> tuple[int, bytes]:
     index_text, separator, value_text = text.partition("=")
-    if not separator or not index_text.strip().isdigit():
+    if not separator:
         raise argparse.ArgumentTypeError(f"{text!r} is not N=HEX (e.g. 0=8f3a…)")
-    index = int(index_text)
-    if index >= PCR_COUNT:
-        raise argparse.ArgumentTypeError(f"{text!r}: PCR index must be 0..{PCR_COUNT - 1}")
+    try:
+        index = parse_pcr_index(index_text.strip())
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--expect-pcr {text!r:.60}: {err}") from None
     try:
         return index, bytes.fromhex(value_text)
     except ValueError:

@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         _register_describe_eif,
         _register_console,
         _register_pcr,
+        _register_aws_services,
     ):
         register(subparsers, common)
     return parser
@@ -747,6 +748,13 @@ def _describe_eif(context: Context, args: argparse.Namespace) -> int:
         image = read_eif(args.eif_path)
     except EifError as err:
         raise errors.eif_parsing_error(str(err)) from None
+    verdict = image.signature_check
+    if verdict is not None and not verdict.signature_verifies:
+        # nitro-cli cannot extract the signed payload, so describe-eif fails (docs/eif.md).
+        raise errors.eif_parsing_error(
+            f"Failed to get certificate sigining info: Failed to get signature payload: "
+            f"{verdict.reason}"
+        )
     _print_json(image.describe())
     return 0
 
@@ -779,6 +787,23 @@ def _pcr(context: Context, args: argparse.Namespace) -> int:
         raise errors.file_operation_failure(reason=f"{args.input}: {err.strerror}") from None
     _print_json({"PCR": hasher.pcr().hex()})
     return 0
+
+
+def _register_aws_services(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    services = _subparser(
+        subparsers,
+        common,
+        "aws-services",
+        "Serve the emulated parent's IMDSv2 and KMS until SIGTERM (not a nitro-cli command)",
+        _aws_services,
+    )
+    services.add_argument("--region", default="us-east-1", help="the KMS region to emulate")
+
+
+def _aws_services(context: Context, args: argparse.Namespace) -> int:
+    from enclave_runtime.emulator.aws_services import serve_until_signalled  # noqa: PLC0415
+
+    return serve_until_signalled(context.root, args.region)
 
 
 def _read_input(path: str) -> bytes:

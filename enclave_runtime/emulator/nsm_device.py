@@ -75,6 +75,13 @@ class NsmDevice:
             register.value = extend(register.value, request.data)
             return nsm.ExtendPCRResponse(data=register.value)
         if isinstance(request, nsm.LockPCR):
+            if request.index < BOOT_LOCKED_PCRS:
+                # AWS's nsm-check (aws-nitro-enclaves-nsm-api) requires an error here (docs/nsm.md).
+                raise NsmError(
+                    f"PCR{request.index} is locked at boot; lock one of "
+                    f"{BOOT_LOCKED_PCRS}..{MAX_PCRS - 1}",
+                    nsm.ErrorCode.READ_ONLY_INDEX,
+                )
             self._register(request.index).locked = True
             return nsm.LockPCRResponse()
         if isinstance(request, nsm.LockPCRs):

@@ -28,17 +28,19 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from enclave_runtime.errors import FormatError
+from enclave_runtime.formats.cbor_maps import DuplicateKeyError, reject_duplicate_keys
 from enclave_runtime.formats.cose import HEADER_ALG, CoseError, CoseSign1, decode_sign1, sign1
-from enclave_runtime.formats.pcr import PCR_SIZE, pcr_differences
+from enclave_runtime.formats.pcr import PCR_COUNT, PCR_SIZE, pcr_differences
 
 ES384 = -35
 DIGEST = "SHA384"
 PCR_LENGTH = PCR_SIZE
-PCR_COUNT = 32
 MAX_CERTIFICATE_BYTES = 1024
 MAX_PUBLIC_KEY_BYTES = 1024
-MAX_USER_DATA_BYTES = 512
-MAX_NONCE_BYTES = 512
+# AWS's attestation spec and its nsm-check test: user_data, nonce and public_key are each
+# 0..1024 bytes (docs/nsm.md); real NSMs send an empty public_key.
+MAX_USER_DATA_BYTES = 1024
+MAX_NONCE_BYTES = 1024
 # AWS's CDDL bounds the payload at 16 KiB; the envelope adds ~110 bytes. Anything far larger is
 # not a Nitro document, and refusing it before decoding bounds the work an attacker can cause.
 MAX_PAYLOAD_BYTES = 16384
@@ -312,6 +314,10 @@ def _check_envelope(envelope: CoseSign1) -> None:
 
 def _document_from_payload(envelope: CoseSign1) -> AttestationDocument:
     fields = _decode_cbor_exactly(envelope.payload, "payload")
+    try:
+        reject_duplicate_keys(envelope.payload)
+    except DuplicateKeyError as err:
+        raise AttestationError("payload", f"{err}; a signed map must have one meaning") from err
     if not isinstance(fields, dict):
         raise AttestationError("payload", f"must be a CBOR map, got {type(fields).__name__}")
     unknown = [key for key in fields if key not in MANDATORY_FIELDS + OPTIONAL_FIELDS]
@@ -327,7 +333,7 @@ def _document_from_payload(envelope: CoseSign1) -> AttestationDocument:
         pcrs=_pcrs(fields["pcrs"]),
         certificate=_bytes_field(fields["certificate"], "certificate", 1, MAX_CERTIFICATE_BYTES),
         cabundle=_cabundle(fields["cabundle"]),
-        public_key=_optional_bytes(fields, "public_key", 1, MAX_PUBLIC_KEY_BYTES),
+        public_key=_optional_bytes(fields, "public_key", 0, MAX_PUBLIC_KEY_BYTES),
         user_data=_optional_bytes(fields, "user_data", 0, MAX_USER_DATA_BYTES),
         nonce=_optional_bytes(fields, "nonce", 0, MAX_NONCE_BYTES),
         envelope=envelope,

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from enclave_runtime.errors import FormatError
+from enclave_runtime.formats.cbor_maps import DuplicateKeyError, reject_duplicate_keys
 
 COSE_SIGN1_TAG = 18
 HEADER_ALG = 1
@@ -51,6 +52,10 @@ class CoseSign1:
     def protected_header(self) -> dict[Any, Any]:
         if not self.protected:
             return {}
+        try:
+            reject_duplicate_keys(self.protected)
+        except DuplicateKeyError as err:
+            raise CoseError(f"COSE protected header is refused: {err}") from err
         try:
             header = cbor2.loads(self.protected)
         except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as err:

@@ -79,6 +79,9 @@ class SignatureVerdict:
 
     valid: bool
     reason: str = ""
+    # False when the COSE signature itself does not verify with the certificate's key (as
+    # opposed to a valid signature over another PCR0): nitro-cli's describe-eif then fails.
+    signature_verifies: bool = True
 
 
 def pcr_info_payload(pcr_value: bytes, register_index: int = SIGNED_PCR_INDEX) -> bytes:
@@ -258,14 +261,16 @@ def check_pcr0_signature(entry: PcrSignature, pcr0: bytes) -> SignatureVerdict:
     try:
         public_key = certificate.public_key()
     except (ValueError, UnsupportedAlgorithm) as err:
-        return SignatureVerdict(False, f"the signing certificate's public key is unusable: {err}")
+        return SignatureVerdict(
+            False, f"the signing certificate's public key is unusable: {err}", False
+        )
     if not isinstance(public_key, ec.EllipticCurvePublicKey):
-        return SignatureVerdict(False, "the signing certificate's key is not an EC key")
+        return SignatureVerdict(False, "the signing certificate's key is not an EC key", False)
     try:
         cose = decode_sign1(entry.signature)
         cose.verify(public_key)
     except CoseError as err:
-        return SignatureVerdict(False, f"PCR0 signature: {err}")
+        return SignatureVerdict(False, f"PCR0 signature: {err}", False)
     if cose.payload != pcr_info_payload(pcr0):
         return SignatureVerdict(
             False,

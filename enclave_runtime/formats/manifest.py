@@ -31,6 +31,7 @@ import jsonschema
 import yaml
 
 from enclave_runtime.errors import EnclaveOpsError, FormatError
+from enclave_runtime.formats.kms_checks import kms_egress_findings
 from enclave_runtime.formats.service_graph import (
     DEPENDENCY_KEYS,
     ordering_edges,
@@ -146,6 +147,9 @@ class Tls:
 class Ingress:
     listen_port: int
     tls: Tls | None = None
+    # None: the relays' defaults (docs/networking.md, "Connection caps").
+    max_connections: int | None = None
+    idle_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +254,7 @@ class Control:
     unix_socket: str = DEFAULT_CONTROL_SOCKET
     vsock_port: int = INIT_CONTROL_PORT
     allowed_cids: tuple[int, ...] = DEFAULT_ALLOWED_CIDS
+    require_privileged_port: bool = True
 
 
 @dataclass(frozen=True)
@@ -726,7 +731,8 @@ def _value_message(error: jsonschema.ValidationError) -> str:
     if keyword == "type":
         wanted = error.validator_value
         names = [_TYPE_NAMES[name] for name in _as_list(wanted) if name != "null"]
-        return f"expected {' or '.join(names)}, got {got}"
+        hint = f" ({schema['x-hint']})" if "x-hint" in schema else ""
+        return f"expected {' or '.join(names)}, got {got}{hint}"
     if keyword == "const":
         return f"must be {_show(error.validator_value)}, got {got}"
     if keyword == "enum":
@@ -785,6 +791,7 @@ def _unknown_keys(path: DocPath, instance: dict[str, Any], known: list[str]) -> 
 def _semantic_findings(doc: dict[str, Any]) -> Iterator[_Finding]:
     yield from _section_dependency_findings(doc)
     yield from _spire_findings(doc)
+    yield from (_Finding(path, message) for path, message in kms_egress_findings(doc))
     yield from _port_clash_findings(doc)
     yield from _reserved_vsock_findings(doc)
     yield from _egress_rule_findings(doc)
@@ -1128,7 +1135,12 @@ def _optional(doc: dict[str, Any], key: str, build: Callable[[dict[str, Any]], A
 
 def _build_ingress(raw: dict[str, Any]) -> Ingress:
     tls = raw.get("tls")
-    return Ingress(raw["listen_port"], Tls(**tls) if tls is not None else None)
+    return Ingress(
+        raw["listen_port"],
+        Tls(**tls) if tls is not None else None,
+        max_connections=raw.get("max_connections"),
+        idle_timeout=raw.get("idle_timeout"),
+    )
 
 
 def _build_egress(raw: dict[str, Any]) -> Egress:
@@ -1181,6 +1193,7 @@ def _build_control(raw: dict[str, Any]) -> Control:
         unix_socket=_value(raw, "unix_socket", DEFAULT_CONTROL_SOCKET),
         vsock_port=_value(raw, "vsock_port", INIT_CONTROL_PORT),
         allowed_cids=tuple(_value(raw, "allowed_cids", DEFAULT_ALLOWED_CIDS)),
+        require_privileged_port=_value(raw, "require_privileged_port", True),
     )
 
 
@@ -1247,7 +1260,10 @@ def _manifest_to_dict(manifest: Manifest) -> dict[str, Any]:
     doc["services"]["units"] = {
         unit.name: {key: value for key, value in _unit_items(unit)} for unit in services.units
     }
-    doc["control"] = _fields(manifest.control, ("unix_socket", "vsock_port", "allowed_cids"))
+    doc["control"] = _fields(
+        manifest.control,
+        ("unix_socket", "vsock_port", "allowed_cids", "require_privileged_port"),
+    )
     doc["runtime"] = {"log_buffer_size": manifest.runtime.log_buffer_size}
     return doc
 
@@ -1256,6 +1272,9 @@ def _ingress_to_dict(ingress: Ingress) -> dict[str, Any]:
     entry: dict[str, Any] = {"listen_port": ingress.listen_port}
     if ingress.tls is not None:
         entry["tls"] = {"key_file": ingress.tls.key_file, "cert_file": ingress.tls.cert_file}
+    for key in ("max_connections", "idle_timeout"):
+        if getattr(ingress, key) is not None:
+            entry[key] = getattr(ingress, key)
     return entry
 
 

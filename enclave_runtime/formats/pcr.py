@@ -29,6 +29,21 @@ ZERO_PCR = bytes(PCR_SIZE)
 NITRO_CLI_HASH_ALGORITHM = "Sha384 { ... }"
 
 _PCR_HEX = re.compile(r"[0-9a-fA-F]{96}")
+PCR_COUNT = 32
+# ASCII digits only: str.isdigit() also accepts "²" and "٣", which int() then rejects or reads
+# as 3 (docs/attestation.md, "Expected PCRs").
+_PCR_INDEX = re.compile(r"(?:PCR)?([0-9]{1,2})", re.IGNORECASE)
+
+
+def parse_pcr_index(text: str) -> int:
+    """The index in ``"3"``, ``"03"``, ``"PCR3"`` or ``"pcr3"``; ValueError naming the fix."""
+    match = _PCR_INDEX.fullmatch(text) if text.isascii() else None
+    if match is None or int(match.group(1)) >= PCR_COUNT:
+        raise ValueError(
+            f"{text!r:.40} is not a PCR index: write 0 to {PCR_COUNT - 1} in ASCII digits, "
+            "optionally after PCR (PCR0 ...)"
+        )
+    return int(match.group(1))
 
 
 def extend(pcr: bytes, data: bytes) -> bytes:

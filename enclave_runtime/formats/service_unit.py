@@ -341,7 +341,8 @@ def _describe(error: jsonschema.ValidationError) -> Iterator[str]:
             else [error.validator_value]
         )
         names = " or ".join(_TYPE_NAMES[name] for name in wanted if name != "null")
-        yield f"{where}: expected {names}, got {_show(error.instance)}"
+        hint = f" ({schema['x-hint']})" if "x-hint" in schema else ""
+        yield f"{where}: expected {names}, got {_show(error.instance)}{hint}"
     elif keyword == "enum":
         choices = [value for value in error.validator_value if value is not None]
         listed = ", ".join(_show(value) for value in choices)

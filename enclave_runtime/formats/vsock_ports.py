@@ -32,5 +32,10 @@ RESERVED_PORT_NAMES: dict[int, str] = {
 HOST_CID = 2
 # The parent EC2 instance as AWS documents it.
 PARENT_CID = 3
+# Source ports below this need CAP_NET_BIND_SERVICE to bind, on AF_VSOCK as on TCP: what the init
+# control server asks of its peers on a parent where every process is CID 3 (docs/init.md).
+PRIVILEGED_PORT_LIMIT = 1024
+# Where privileged clients pick their source port, as rresvport(3) does.
+PRIVILEGED_SOURCE_PORTS = range(1023, 511, -1)
 # nitro-cli hands out enclave CIDs from here upward unless one is requested.
 FIRST_ENCLAVE_CID = 16

@@ -39,15 +39,17 @@ from enclave_runtime.formats.attestation import (
     load_root_certificate,
     verify_attestation_document,
 )
-from enclave_runtime.formats.pcr import Measurements, pcr_from_hex
+from enclave_runtime.formats.attestation import (
+    MAX_NONCE_BYTES as MAX_DOCUMENT_NONCE_BYTES,
+)
+from enclave_runtime.formats.pcr import Measurements, parse_pcr_index, pcr_from_hex
 from enclave_runtime.transport import vsock
 from enclave_runtime.waiting import poll
 
 ATTESTATION_PATH = "/v1/attestation"
 DEFAULT_NONCE_BYTES = 32
-# The API attests at most 1024 bytes per field (docs/api.md); the document format allows 512
-# for the nonce, so a longer one could never verify.
-MAX_NONCE_BYTES = 512
+# The API and the document format both allow 1024 bytes per field (docs/api.md).
+MAX_NONCE_BYTES = MAX_DOCUMENT_NONCE_BYTES
 DEFAULT_TIMEOUT = 30.0
 _MEASUREMENT_ALGORITHM_KEY = "HashAlgorithm"
 
@@ -149,13 +151,15 @@ def parse_expected_pcrs(expected: Mapping[Any, Any] | Measurements) -> dict[int,
 
 
 def _pcr_index(key: Any) -> int:
-    text = str(key)
-    digits = text[3:] if text.upper().startswith("PCR") else text
-    if not digits.isdigit() or int(digits) >= PCR_COUNT:
+    if isinstance(key, bool) or not isinstance(key, (int, str)):
         raise AttestationInputError(
-            f"expected_pcrs key {key!r} is not a PCR index (0 to {PCR_COUNT - 1}, or PCR0 ...)"
+            f"expected_pcrs key {key!r:.40} is a {type(key).__name__}; write 0 to "
+            f"{PCR_COUNT - 1} or PCR0 ..."
         )
-    return int(digits)
+    try:
+        return parse_pcr_index(str(key))
+    except ValueError as err:
+        raise AttestationInputError(f"expected_pcrs key {err}") from None
 
 
 def _pcr_value(index: int, value: Any) -> bytes:

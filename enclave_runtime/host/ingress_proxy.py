@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 
 from enclave_runtime.errors import EnclaveOpsError
 from enclave_runtime.transport import vsock
-from enclave_runtime.transport.relay import BACKLOG, Connections, StreamEndpoint, relay
+from enclave_runtime.transport.relay import (
+    BACKLOG,
+    Connections,
+    ListenerLimits,
+    StreamEndpoint,
+    relay,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +34,7 @@ class IngressProxy:
 
     cid: int
     servers: dict[int, asyncio.AbstractServer] = field(default_factory=dict)
-    connections: Connections = field(default_factory=lambda: Connections("host ingress"))
+    connections: dict[int, Connections] = field(default_factory=dict)  # per listener
 
     @property
     def bound(self) -> dict[int, int]:
@@ -39,7 +45,8 @@ class IngressProxy:
     async def close(self) -> None:
         for server in self.servers.values():
             server.close()
-        await self.connections.close()
+        for connections in self.connections.values():
+            await connections.close()
         for server in self.servers.values():
             await server.wait_closed()
 
@@ -52,19 +59,25 @@ async def start_ingress_proxy(
     host_ports: Mapping[int, int] | None = None,
     backend: vsock.Backend | None = None,
     idle_timeout: float | None = None,
+    limits: Mapping[int, ListenerLimits] | None = None,
 ) -> IngressProxy:
     """Listen on ``bind_host``:P for every P in ``ports`` and relay to vsock (``cid``, P).
 
     ``host_ports`` listens on another TCP port for some P (0: any free port), for tests and for
     running two enclaves with the same ingress port on one parent. Raises
     :class:`IngressProxyError` when a port cannot be bound; nothing is left listening then.
+    ``limits`` caps each port's connections and idle time (default :class:`ListenerLimits`);
+    ``idle_timeout`` overrides every port's idle time.
     """
     fabric = backend if backend is not None else vsock.backend()
     proxy = IngressProxy(cid)
     try:
         for port in ports:
             listen_port = (host_ports or {}).get(port, port)
-            handler = _Handler(proxy, fabric, port, idle_timeout)
+            limit = (limits or {}).get(port, ListenerLimits())
+            proxy.connections[port] = Connections(f"host ingress {port}", limit.max_connections)
+            idle = limit.idle_timeout if idle_timeout is None else idle_timeout
+            handler = _Handler(proxy, fabric, port, idle)
             try:
                 proxy.servers[port] = await asyncio.start_server(
                     handler, bind_host, listen_port, backlog=BACKLOG
@@ -89,7 +102,7 @@ class _Handler:
     idle_timeout: float | None
 
     async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self.proxy.connections.serve(self._serve(reader, writer), writer)
+        await self.proxy.connections[self.port].serve(self._serve(reader, writer), writer)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         target = vsock.VsockAddress(self.proxy.cid, self.port)

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
@@ -48,6 +49,7 @@ from enclave_runtime.host.egress_broker import EgressBroker, start_egress_broker
 from enclave_runtime.host.ingress_proxy import IngressProxy, start_ingress_proxy
 from enclave_runtime.host.nitro_cli import NitroCli, NitroCliCommandError, NitroCliError, RunInfo
 from enclave_runtime.transport import vsock
+from enclave_runtime.transport.relay import ListenerLimits
 
 # enclaver's RELEASE_BUNDLE_DIR, EIF_FILE_NAME and MANIFEST_FILE_NAME (enclaver/src/constants.rs).
 DEFAULT_EIF_FILE = "/enclave/application.eif"
@@ -316,7 +318,9 @@ class Sleeve:
         manifest = plan.manifest
         if manifest.egress is not None:
             self.broker = await start_egress_broker(
-                backend=self.fabric, allowlist=EgressPolicy.from_manifest(manifest.egress)
+                backend=self.fabric,
+                allowlist=EgressPolicy.from_manifest(manifest.egress),
+                routes=_emulated_aws_routes(),
             )
             self.say(f"egress broker listening on vsock port {EGRESS_BROKER_PORT}")
         if self.interrupted.is_set():
@@ -367,6 +371,10 @@ class Sleeve:
                 bind_host=self.options.ingress_host,
                 host_ports=port_map,
                 backend=self.fabric,
+                limits={
+                    item.listen_port: ListenerLimits.of(item.max_connections, item.idle_timeout)
+                    for item in manifest.ingress
+                },
             )
             for port, host_port in self.ingress.bound.items():
                 self.say(f"ingress {self.options.ingress_host}:{host_port} -> enclave port {port}")
@@ -583,6 +591,16 @@ async def _first_of(*waits: Awaitable[object]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _emulated_aws_routes() -> dict[tuple[str, int], tuple[str, int]]:
+    """On the emulator, IMDS and KMS are `nitro-emu aws-services` when it runs (docs/kms.md)."""
+    root = os.environ.get(vsock.ENV_ROOT)
+    if not root:
+        return {}
+    from enclave_runtime.emulator.aws_services import emulated_routes  # noqa: PLC0415
+
+    return emulated_routes(Path(root))
 
 
 def outcome_of(status: AppStatus) -> Outcome:

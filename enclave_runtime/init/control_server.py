@@ -5,7 +5,8 @@ enclave-init's initctl, which sends one JSON value and then waits) a complete JS
 with one JSON line and closes. Whatever a peer sends, the server answers with an ``Error``
 response or closes the connection; it never stops serving:
 
-- on vsock, a peer whose CID is not in the allow list is closed without an answer;
+- on vsock, a peer whose CID is not in the allow list, or (by default) whose source port is not
+  privileged, is closed without an answer;
 - a request over :data:`MAX_REQUEST_SIZE`, not sent within the request timeout, malformed or of
   an unknown variant gets an ``Error`` with ``kind`` ``InvalidRequest`` or ``Unsupported``;
 - a controller failure is an ``Error`` with the controller's message (``Internal`` for a bug,
@@ -57,7 +58,7 @@ from enclave_runtime.formats.manifest import (
     DEFAULT_CONTROL_SOCKET,
     Control,
 )
-from enclave_runtime.formats.vsock_ports import INIT_CONTROL_PORT
+from enclave_runtime.formats.vsock_ports import INIT_CONTROL_PORT, PRIVILEGED_PORT_LIMIT
 from enclave_runtime.init.controller import ServiceController
 from enclave_runtime.transport import vsock
 
@@ -94,8 +95,10 @@ class ControlServer:
         *,
         max_clients: int = DEFAULT_MAX_CLIENTS,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        require_privileged_port: bool = True,
     ) -> None:
         self.controller = controller
+        self.require_privileged_port = require_privileged_port
         self.unix_socket = None if unix_socket is None else Path(unix_socket)
         self.vsock_port = vsock_port
         self.allowed_cids = frozenset(allowed_cids)
@@ -108,7 +111,13 @@ class ControlServer:
     @classmethod
     def from_manifest(cls, controller: ServiceController, control: Control) -> ControlServer:
         """The server the manifest's ``control:`` section describes."""
-        return cls(controller, control.unix_socket, control.vsock_port, control.allowed_cids)
+        return cls(
+            controller,
+            control.unix_socket,
+            control.vsock_port,
+            control.allowed_cids,
+            require_privileged_port=control.require_privileged_port,
+        )
 
     @property
     def connection_count(self) -> int:
@@ -184,6 +193,18 @@ class ControlServer:
     ) -> None:
         if peer.cid not in self.allowed_cids:
             LOG.warning("init control: refusing %s: CID %d is not allowed", peer, peer.cid)
+            writer.transport.abort()
+            return
+        if self.require_privileged_port and peer.port >= PRIVILEGED_PORT_LIMIT:
+            # Every process on a Nitro parent is CID 3; only root (CAP_NET_BIND_SERVICE) can
+            # bind a source port below 1024 (docs/init.md, "Who may control the init").
+            LOG.warning(
+                "init control: refusing %s: source port %d is not privileged (below %d); "
+                "connect as root, or set control.require_privileged_port: false",
+                peer,
+                peer.port,
+                PRIVILEGED_PORT_LIMIT,
+            )
             writer.transport.abort()
             return
         await self._serve_connection(reader, writer, str(peer))

@@ -76,8 +76,8 @@ CORS_PREFLIGHT_HEADERS = (
 )
 
 ATTESTATION_FIELDS = ("nonce", "user_data", "public_key")
-ENCRYPT_FIELDS = ("plaintext", "client_public_key")
-DECRYPT_FIELDS = ("nonce", "client_public_key", "encrypted_data")
+ENCRYPT_FIELDS = ("plaintext", "client_public_key", "timestamped")
+DECRYPT_FIELDS = ("nonce", "client_public_key", "encrypted_data", "timestamp")
 SIGN_FIELDS = ("message", "message_hex", "include_attestation")
 
 T = TypeVar("T")
@@ -435,21 +435,34 @@ class ApiEndpoints:
     async def encrypt(self, request: Request) -> Response:
         fields = request_fields(request, ENCRYPT_FIELDS)
         plaintext = _utf8(_required_string(fields, "plaintext"), "plaintext")
-        message = self.keys.encryption.encrypt(plaintext, _hex(fields, "client_public_key"))
-        return Response.json(
-            {
-                "encrypted_data": message.ciphertext.hex(),
-                "enclave_public_key": message.enclave_public_key_der.hex(),
-                "nonce": message.nonce.hex(),
-            }
+        timestamped = fields.get("timestamped", False)
+        if not isinstance(timestamped, bool):
+            raise HttpError(
+                400, f"field 'timestamped' must be a boolean, not {_json_type(timestamped)}"
+            )
+        message = self.keys.encryption.encrypt(
+            plaintext, _hex(fields, "client_public_key"), timestamped=timestamped
         )
+        answer = {
+            "encrypted_data": message.ciphertext.hex(),
+            "enclave_public_key": message.enclave_public_key_der.hex(),
+            "nonce": message.nonce.hex(),
+        }
+        if message.timestamp_ms is not None:
+            answer["timestamp"] = message.timestamp_ms
+        return Response.json(answer)
 
     async def decrypt(self, request: Request) -> Response:
         fields = request_fields(request, DECRYPT_FIELDS)
         nonce = _hex(fields, "nonce")
         client_key = _hex(fields, "client_public_key")
         ciphertext = _hex(fields, "encrypted_data")
-        plaintext = self.keys.encryption.decrypt(ciphertext, client_key, nonce)
+        timestamp = fields.get("timestamp")
+        if timestamp is not None and (type(timestamp) is not int or timestamp < 0):
+            raise HttpError(
+                400, "field 'timestamp' must be milliseconds since the epoch (an integer ≥ 0)"
+            )
+        plaintext = self.keys.encryption.decrypt(ciphertext, client_key, nonce, timestamp)
         try:
             text = plaintext.decode("utf-8")
         except UnicodeDecodeError:

@@ -31,6 +31,7 @@ from enclave_runtime.process.streams import (
     DEFAULT_MAX_CLIENTS,
     Broadcast,
     StreamServer,
+    drain_within,
     wait_for_news,
 )
 
@@ -254,7 +255,7 @@ class Console:
                 if chunk.data:
                     writer.write(chunk.data)
                     at_line_start = chunk.data.endswith(b"\n")
-                    await writer.drain()
+                    await drain_within(writer)
                     cursor = self._cursors[key] = chunk.end
                     self._progress.bump()
                     continue

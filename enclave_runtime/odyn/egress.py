@@ -228,7 +228,7 @@ class EgressProxy:
     def _check_peer(self, target: ProxyTarget, peer: Peer | None) -> None:
         where = f"{target.host}:{target.port}"
         if peer is not None:
-            decision = self.policy.check_peer(peer.address)
+            decision = self.policy.check_peer(peer.address, target.host)
             if not decision:
                 raise HttpError(403, f"egress to {where} is denied: {decision.reason}")
         elif self.policy.denies_addresses and parse_destination(target.host).name is not None:

@@ -27,6 +27,7 @@ from enclave_runtime.transport.relay import (
     READ_SIZE,
     Connections,
     Endpoint,
+    ListenerLimits,
     StreamEndpoint,
     open_tcp,
     relay,
@@ -47,7 +48,7 @@ class IngressServers:
     """The running ingress listeners; ``close()`` stops them and their connections."""
 
     servers: dict[int, asyncio.AbstractServer] = field(default_factory=dict)
-    connections: Connections = field(default_factory=lambda: Connections("ingress"))
+    connections: dict[int, Connections] = field(default_factory=dict)  # per listener
 
     @property
     def ports(self) -> tuple[int, ...]:
@@ -56,7 +57,8 @@ class IngressServers:
     async def close(self) -> None:
         for server in self.servers.values():
             server.close()
-        await self.connections.close()
+        for connections in self.connections.values():
+            await connections.close()
         for server in self.servers.values():
             await server.wait_closed()
 
@@ -102,6 +104,9 @@ async def start_ingress(
 ) -> IngressServers:
     """Listen on vsock port P for every ingress entry and relay to ``target_host``:P.
 
+    Each listener relays at most the entry's ``max_connections`` at once and closes a
+    connection idle for its ``idle_timeout`` (``idle_timeout`` here overrides every entry's).
+
     Every TLS entry's files are checked before any listener starts, so a bad configuration
     fails as a whole. Raises :class:`IngressError`.
     """
@@ -116,8 +121,15 @@ async def start_ingress(
     try:
         for entry in entries:
             port = entry.listen_port
+            limits = ListenerLimits.of(entry.max_connections, entry.idle_timeout)
+            servers.connections[port] = Connections(f"ingress {port}", limits.max_connections)
             handler = _Handler(
-                servers, target_host, port, contexts.get(port), idle_timeout, handshake_timeout
+                servers,
+                target_host,
+                port,
+                contexts.get(port),
+                limits.idle_timeout if idle_timeout is None else idle_timeout,
+                handshake_timeout,
             )
             try:
                 servers.servers[port] = await fabric.start_server(handler, port, backlog=BACKLOG)
@@ -148,7 +160,8 @@ class _Handler:
     async def __call__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: vsock.VsockAddress
     ) -> None:
-        await self.servers.connections.serve(self._serve(reader, writer, peer), writer)
+        connections = self.servers.connections[self.port]
+        await connections.serve(self._serve(reader, writer, peer), writer)
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: vsock.VsockAddress

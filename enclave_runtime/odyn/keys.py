@@ -10,7 +10,10 @@ Two keys, as in sparsity-xyz's enclaver fork:
   ciphertext carries GCM's 16-byte tag at its end. Both directions derive the same key for the
   same (client key, nonce), so a pair must never be used twice: :class:`ReplayCache` refuses a
   pair seen before in either direction (which also stops a response being reflected back as a
-  request).
+  request). A message may carry a ``timestamp`` (milliseconds), bound into GCM's associated
+  data; it is accepted only within :data:`REPLAY_WINDOW_SECONDS` of the enclave's clock and its
+  pair is remembered until it leaves that window, so such a message can never be replayed,
+  however many others pass (docs/api.md, "Replay protection").
 - an **Ethereum key** (secp256k1) that signs EIP-191 "personal" messages. Signing is OpenSSL's
   (RFC 6979 deterministic ECDSA where available), normalised to low s; the recovery id that
   Ethereum's ``v`` needs is found by recomputing the signature's point from public values only,
@@ -23,8 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from Crypto.Hash import keccak
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
@@ -42,6 +47,13 @@ AES_KEY_SIZE = 32
 GCM_TAG_SIZE = 16
 # 65,536 fingerprints of 32 bytes in a set and a queue measure about 7 MiB in CPython.
 REPLAY_CACHE_CAPACITY = 65536
+# Timestamped messages: AAD = prefix || timestamp as 8 bytes big-endian; accepted within this many
+# seconds of the enclave's clock, either way (clock skew).
+TIMESTAMP_AAD_PREFIX = b"enclaveops-timestamp-v1:"
+REPLAY_WINDOW_SECONDS = 300
+# Live timestamped pairs odyn holds; beyond it new timestamped messages are refused until the
+# oldest leave the window (fail closed: a pair is never forgotten while it could be replayed).
+TIMED_REPLAY_CAPACITY = 262144
 
 ETH_SIGNATURE_SIZE = 65
 EIP191_PREFIX = b"\x19Ethereum Signed Message:\n"
@@ -98,33 +110,76 @@ class ReplayCache:
     refused while it is among the last ``capacity`` pairs used.
     """
 
-    def __init__(self, capacity: int = REPLAY_CACHE_CAPACITY) -> None:
-        if capacity < 1:
+    def __init__(
+        self,
+        capacity: int = REPLAY_CACHE_CAPACITY,
+        *,
+        timed_capacity: int = TIMED_REPLAY_CAPACITY,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if capacity < 1 or timed_capacity < 1:
             raise ValueError("the replay cache needs room for at least one pair")
         self.capacity = capacity
+        self.timed_capacity = timed_capacity
+        self.clock = clock
         self._seen: set[bytes] = set()
         self._order: deque[bytes] = deque()
+        # Timestamped pairs: fingerprint -> when it may be forgotten, in claim order. Expiry is
+        # not monotonic in claim order, so a pair stays until every older one is purged too.
+        self._timed: dict[bytes, float] = {}
+        self._timed_order: deque[tuple[float, bytes]] = deque()
 
     def __len__(self) -> int:
-        return len(self._order)
+        return len(self._order) + len(self._timed)
 
     @staticmethod
     def _fingerprint(client_point: bytes, nonce: bytes) -> bytes:
         return hashlib.sha256(client_point + nonce).digest()
 
     def seen(self, client_point: bytes, nonce: bytes) -> bool:
-        return self._fingerprint(client_point, nonce) in self._seen
-
-    def claim(self, client_point: bytes, nonce: bytes) -> bool:
-        """Record the pair; False (and nothing recorded) if it is already known."""
         fingerprint = self._fingerprint(client_point, nonce)
-        if fingerprint in self._seen:
+        return fingerprint in self._seen or fingerprint in self._timed
+
+    def claim(self, client_point: bytes, nonce: bytes, timestamp_ms: int | None = None) -> bool:
+        """Record the pair; False (and nothing recorded) if it is already known.
+
+        A timestamped pair is kept until its timestamp leaves the window; raises
+        :class:`ReplayError` when the timed store is full of pairs still inside it.
+        """
+        if self.seen(client_point, nonce):
             return False
+        fingerprint = self._fingerprint(client_point, nonce)
+        if timestamp_ms is not None:
+            self._claim_timed(fingerprint, timestamp_ms / 1000 + REPLAY_WINDOW_SECONDS)
+            return True
         self._seen.add(fingerprint)
         self._order.append(fingerprint)
         if len(self._order) > self.capacity:
             self._seen.discard(self._order.popleft())
         return True
+
+    def _claim_timed(self, fingerprint: bytes, forget_at: float) -> None:
+        now = self.clock()
+        while self._timed_order and self._timed_order[0][0] <= now:
+            self._timed.pop(self._timed_order.popleft()[1], None)
+        if len(self._timed) >= self.timed_capacity:
+            raise ReplayError(
+                f"too many timestamped messages: {self.timed_capacity} in the last "
+                f"{REPLAY_WINDOW_SECONDS} s are remembered; retry later"
+            )
+        self._timed[fingerprint] = forget_at
+        self._timed_order.append((max(forget_at, now), fingerprint))
+
+    def check_timestamp(self, timestamp_ms: int) -> None:
+        """Refuse a timestamp outside the window around the enclave's clock."""
+        skew = timestamp_ms / 1000 - self.clock()
+        if abs(skew) > REPLAY_WINDOW_SECONDS:
+            raise ReplayError(
+                f"timestamp {timestamp_ms} is {abs(skew):.0f} s "
+                f"{'ahead of' if skew > 0 else 'behind'} the enclave's clock; messages are "
+                f"accepted within {REPLAY_WINDOW_SECONDS} s: encrypt a fresh message with the "
+                "current time (milliseconds since the epoch)"
+            )
 
 
 @dataclass(frozen=True)
@@ -132,6 +187,16 @@ class EncryptedMessage:
     ciphertext: bytes  # GCM ciphertext followed by the 16-byte tag
     nonce: bytes
     enclave_public_key_der: bytes
+    timestamp_ms: int | None = None  # bound into the AAD when set
+
+
+def timestamp_aad(timestamp_ms: int | None) -> bytes | None:
+    """GCM's associated data for a timestamped message; None (no AAD) for the fork's form."""
+    if timestamp_ms is None:
+        return None
+    if not 0 <= timestamp_ms < 2**63:
+        raise KeyInputError(f"timestamp must be milliseconds since the epoch, not {timestamp_ms}")
+    return TIMESTAMP_AAD_PREFIX + timestamp_ms.to_bytes(8, "big")
 
 
 class EncryptionKey:
@@ -171,27 +236,42 @@ class EncryptionKey:
         )
         return hkdf.derive(shared_secret)
 
-    def encrypt(self, plaintext: bytes, client_public_key_der: bytes) -> EncryptedMessage:
-        """Encrypt to a client under a fresh random nonce, recorded as used."""
+    def encrypt(
+        self, plaintext: bytes, client_public_key_der: bytes, *, timestamped: bool = False
+    ) -> EncryptedMessage:
+        """Encrypt to a client under a fresh random nonce, recorded as used; ``timestamped``
+        binds the enclave's current time into the AAD."""
         client_key = load_p384_public_key(client_public_key_der)
         client_point = uncompressed_point(client_key)
-        nonce = self._fresh_nonce(client_point)
-        ciphertext = AESGCM(self._message_key(client_key, nonce)).encrypt(nonce, plaintext, None)
-        return EncryptedMessage(ciphertext, nonce, self.public_key_der)
+        timestamp_ms = int(self.replay_cache.clock() * 1000) if timestamped else None
+        nonce = self._fresh_nonce(client_point, timestamp_ms)
+        key = self._message_key(client_key, nonce)
+        ciphertext = AESGCM(key).encrypt(nonce, plaintext, timestamp_aad(timestamp_ms))
+        return EncryptedMessage(ciphertext, nonce, self.public_key_der, timestamp_ms)
 
-    def _fresh_nonce(self, client_point: bytes) -> bytes:
+    def _fresh_nonce(self, client_point: bytes, timestamp_ms: int | None) -> bytes:
         while True:
             nonce = os.urandom(NONCE_SIZE)
-            if self.replay_cache.claim(client_point, nonce):
+            if self.replay_cache.claim(client_point, nonce, timestamp_ms):
                 return nonce
 
-    def decrypt(self, ciphertext: bytes, client_public_key_der: bytes, nonce: bytes) -> bytes:
+    def decrypt(
+        self,
+        ciphertext: bytes,
+        client_public_key_der: bytes,
+        nonce: bytes,
+        timestamp_ms: int | None = None,
+    ) -> bytes:
         """Decrypt a client's message; a pair is consumed only once it authenticates.
 
         Checking the tag first means nobody without the client's key can burn the client's
-        nonces with forged messages.
+        nonces with forged messages. A ``timestamp_ms`` must be within the replay window and is
+        authenticated as the AAD.
         """
         check_nonce(nonce)
+        aad = timestamp_aad(timestamp_ms)
+        if timestamp_ms is not None:
+            self.replay_cache.check_timestamp(timestamp_ms)
         client_key = load_p384_public_key(client_public_key_der)
         client_point = uncompressed_point(client_key)
         if self.replay_cache.seen(client_point, nonce):
@@ -202,16 +282,15 @@ class EncryptionKey:
                 f"{GCM_TAG_SIZE}-byte AES-GCM tag it must end with"
             )
         try:
-            plaintext = AESGCM(self._message_key(client_key, nonce)).decrypt(
-                nonce, ciphertext, None
-            )
+            plaintext = AESGCM(self._message_key(client_key, nonce)).decrypt(nonce, ciphertext, aad)
         except InvalidTag:
             raise KeyInputError(
-                "decryption failed: AES-GCM authentication failed; encrypted_data, nonce and "
-                "client_public_key must be exactly those used to encrypt, against this "
-                "enclave's current public key (keys change when the enclave restarts)"
+                "decryption failed: AES-GCM authentication failed; encrypted_data, nonce, "
+                "client_public_key (and timestamp, when sent) must be exactly those used to "
+                "encrypt, against this enclave's current public key (keys change when the "
+                "enclave restarts)"
             ) from None
-        if not self.replay_cache.claim(client_point, nonce):
+        if not self.replay_cache.claim(client_point, nonce, timestamp_ms):
             raise _replayed()
         return plaintext
 

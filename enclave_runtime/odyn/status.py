@@ -15,6 +15,7 @@ from enclave_runtime.process.streams import (
     DEFAULT_MAX_CLIENTS,
     Broadcast,
     StreamServer,
+    drain_within,
     wait_for_news,
 )
 
@@ -58,7 +59,7 @@ class StatusServer:
             version = self._changes.version
             if version > sent and self._status is not None:
                 writer.write(encode_status_line(self._status))
-                await writer.drain()
+                await drain_within(writer)
                 sent = version
                 self._record_delivery(version)
             if not await wait_for_news(self._changes, sent, hangup):

@@ -12,13 +12,20 @@ import logging
 from collections.abc import Awaitable
 from typing import Callable
 
+from enclave_runtime.formats.vsock_ports import HOST_CID, PARENT_CID
 from enclave_runtime.transport import vsock
+from enclave_runtime.transport.relay import RefusalLog
 
 LOG = logging.getLogger("odyn")
 
 # Enough for a sleeve, an operator's tools and a few retries; beyond it a client is refused, so
 # a misbehaving host cannot make odyn hold an unbounded number of connections.
 DEFAULT_MAX_CLIENTS = 32
+# Only the parent reads these streams; other enclaves (CID 16 and up) are refused.
+DEFAULT_ALLOWED_CIDS = frozenset((HOST_CID, PARENT_CID))
+# A client that has not taken what it was sent after this many seconds is dropped: a reader that
+# stops reading must not hold a slot (and odyn's buffers) forever (docs/odyn.md).
+STALL_TIMEOUT = 30.0
 _DISCARD_CHUNK = 4096
 _CLOSE_GRACE = 1.0
 
@@ -60,6 +67,14 @@ async def discard_until_eof(reader: asyncio.StreamReader) -> None:
         return
 
 
+async def drain_within(writer: asyncio.StreamWriter, timeout: float = STALL_TIMEOUT) -> None:
+    """``writer.drain()``, or ConnectionError when the client has not read for ``timeout`` s."""
+    try:
+        await asyncio.wait_for(writer.drain(), timeout)
+    except asyncio.TimeoutError:
+        raise ConnectionError(f"the client read nothing for {timeout:g} s") from None
+
+
 async def wait_for_news(broadcast: Broadcast, seen: int, hangup: asyncio.Future[None]) -> bool:
     """Wait until ``broadcast`` moves past ``seen`` (True) or the peer hangs up (False)."""
     news = asyncio.ensure_future(broadcast.wait_past(seen))
@@ -74,7 +89,12 @@ class StreamServer:
     """A vsock listener that runs ``client_loop(writer, hangup)`` for each connection."""
 
     def __init__(
-        self, name: str, port: int, client_loop: ClientLoop, max_clients: int = DEFAULT_MAX_CLIENTS
+        self,
+        name: str,
+        port: int,
+        client_loop: ClientLoop,
+        max_clients: int = DEFAULT_MAX_CLIENTS,
+        allowed_cids: frozenset[int] = DEFAULT_ALLOWED_CIDS,
     ) -> None:
         self.name = name
         self.port = port
@@ -83,6 +103,8 @@ class StreamServer:
         self._server: asyncio.AbstractServer | None = None
         self._clients: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._closing = False
+        self.allowed_cids = allowed_cids
+        self._refusals = RefusalLog(LOG, name)
 
     @property
     def client_count(self) -> int:
@@ -99,10 +121,12 @@ class StreamServer:
             # Accepted just as the server closed: its handler ran too late to be served.
             writer.close()
             return
+        if peer.cid not in self.allowed_cids:
+            self._refusals.refused(f"{peer}: only the parent (CID 3) reads this stream")
+            writer.close()
+            return
         if len(self._clients) >= self._max_clients:
-            LOG.warning(
-                "%s: refusing %s: already serving %d clients", self.name, peer, self._max_clients
-            )
+            self._refusals.refused(f"{peer}: already serving {self._max_clients} clients")
             writer.close()
             return
         self._clients[task] = writer

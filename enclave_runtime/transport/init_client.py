@@ -74,6 +74,7 @@ class InitClient:
     ) -> None:
         self.config = config or InitctlConfig()
         self._fabric = fabric
+        self._unprivileged_source = False
 
     def request(self, request: Request) -> Response:
         """Send ``request`` and return the init's response, ``Error`` included."""
@@ -184,10 +185,7 @@ class InitClient:
     def _connect(self) -> socket.socket:
         try:
             if self.config.protocol == "vsock":
-                fabric = self._fabric or vsock.backend()
-                return fabric.connect(
-                    self.config.vsock_cid, self.config.vsock_port, self.config.timeout
-                )
+                return self._connect_vsock(self._fabric or vsock.backend())
             conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 conn.settimeout(self.config.timeout)
@@ -235,10 +233,28 @@ class InitClient:
             raise self._closed_without_answer()
         return bytes(buffer)
 
+    def _connect_vsock(self, fabric: vsock.Backend) -> socket.socket:
+        """From a privileged source port when this process may bind one (the init requires it
+        by default, docs/init.md); otherwise from an ephemeral port, for inits that do not."""
+        cid, port, timeout = self.config.vsock_cid, self.config.vsock_port, self.config.timeout
+        try:
+            conn = vsock.connect_privileged(fabric, cid, port, timeout)
+        except PermissionError:
+            self._unprivileged_source = True
+            return fabric.connect(cid, port, timeout)
+        self._unprivileged_source = False
+        return conn
+
     def _closed_without_answer(self) -> InitConnectionError:
+        hint = (
+            "; this process could not bind a privileged source port (below 1024), which the "
+            "init requires unless control.require_privileged_port is false: run as root"
+            if self._unprivileged_source
+            else ""
+        )
         return InitConnectionError(
             f"the init at {self._address()} closed the connection without answering; over "
-            "vsock this means this CID is not in the enclave's control.allowed_cids"
+            f"vsock this means this CID is not in the enclave's control.allowed_cids{hint}"
         )
 
 

@@ -21,7 +21,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Collection, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,8 +36,58 @@ FABRIC_SEND_BUFFER = 1024 * 1024
 # Listen backlog for relaying servers: a burst of connections waits in the kernel's queue
 # instead of being refused (asyncio's default is 100).
 BACKLOG = 1024
+# Per listener, unless the manifest says otherwise (docs/networking.md, "Connection caps"): 260
+# idle connections once exhausted odyn's 256 descriptors; each relayed connection holds two.
+DEFAULT_MAX_CONNECTIONS = 100
+# Seconds without a byte either way before a relayed connection is closed.
+DEFAULT_IDLE_TIMEOUT = 300.0
+# One refusal line at most per this many seconds and listener; the others are counted into it.
+REFUSAL_LOG_INTERVAL = 10.0
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ListenerLimits:
+    """What one relaying listener allows: concurrent connections and idle seconds."""
+
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+
+    @classmethod
+    def of(cls, max_connections: int | None, idle_timeout: float | None) -> ListenerLimits:
+        """The manifest's values, each defaulting when absent."""
+        return cls(
+            DEFAULT_MAX_CONNECTIONS if max_connections is None else max_connections,
+            DEFAULT_IDLE_TIMEOUT if idle_timeout is None else float(idle_timeout),
+        )
+
+
+class RefusalLog:
+    """Logs refused connections at most once per ``interval`` seconds, with the count since."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        label: str,
+        interval: float = REFUSAL_LOG_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._label = label
+        self._interval = interval
+        self._clock = clock
+        self._last: float | None = None
+        self._suppressed = 0
+
+    def refused(self, reason: str) -> None:
+        now = self._clock()
+        if self._last is not None and now - self._last < self._interval:
+            self._suppressed += 1
+            return
+        more = f" (and {self._suppressed} more since the last report)" if self._suppressed else ""
+        self._logger.warning("%s: refused a connection: %s%s", self._label, reason, more)
+        self._last, self._suppressed = now, 0
 
 
 class Endpoint(Protocol):
@@ -463,14 +513,26 @@ async def close_all(endpoints: Collection[Endpoint]) -> None:
 class Connections:
     """The tasks serving a server's connections, so that closing the server can end them all."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, limit: int | None = None) -> None:
         self.label = label
+        self.limit = limit
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._refusals = RefusalLog(log, label)
 
     async def serve(self, work: Awaitable[None], writer: asyncio.StreamWriter) -> None:
-        """Run ``work`` for one connection and close the connection when it ends, however."""
+        """Run ``work`` for one connection and close the connection when it ends, however.
+
+        Beyond ``limit`` connections the new one is closed at once (``work`` never runs) and
+        the refusal is logged, rate-limited.
+        """
         task = asyncio.current_task()
         assert task is not None
+        if self.limit is not None and len(self._tasks) >= self.limit:
+            self._refusals.refused(f"{self.limit} connections already (the cap)")
+            writer.transport.abort()
+            if asyncio.iscoroutine(work):
+                work.close()
+            return
         self._tasks.add(task)
         try:
             await work
@@ -506,12 +568,16 @@ def _count(task: asyncio.Task[int]) -> int:
 
 __all__ = [
     "BACKLOG",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS",
     "FABRIC_SEND_BUFFER",
     "READ_SIZE",
     "SOCKET_READ_SIZE",
     "Activity",
     "Connections",
     "Endpoint",
+    "ListenerLimits",
+    "RefusalLog",
     "RelayResult",
     "SocketEndpoint",
     "StreamEndpoint",

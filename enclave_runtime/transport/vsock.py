@@ -28,7 +28,12 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from enclave_runtime.errors import EnclaveOpsError
-from enclave_runtime.formats.vsock_ports import HOST_CID, PARENT_CID
+from enclave_runtime.formats.vsock_ports import (
+    HOST_CID,
+    PARENT_CID,
+    PRIVILEGED_PORT_LIMIT,
+    PRIVILEGED_SOURCE_PORTS,
+)
 
 VMADDR_CID_ANY = 0xFFFFFFFF
 ENV_ROOT = "NITRO_EMU_ROOT"
@@ -70,14 +75,16 @@ class Backend(Protocol):
 
     def accept(self, listener: socket.socket) -> tuple[socket.socket, VsockAddress]: ...
 
-    def connect(self, cid: int, port: int, timeout: float | None = None) -> socket.socket: ...
+    def connect(
+        self, cid: int, port: int, timeout: float | None = None, local_port: int | None = None
+    ) -> socket.socket: ...
 
     async def start_server(
         self, handler: ConnectionHandler, port: int, cid: int = VMADDR_CID_ANY, backlog: int = 128
     ) -> asyncio.AbstractServer: ...
 
     async def open_connection(
-        self, cid: int, port: int
+        self, cid: int, port: int, local_port: int | None = None
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]: ...
 
 
@@ -139,13 +146,17 @@ class EmulatedFabric:
             except (OSError, VsockError):
                 conn.close()
 
-    def connect(self, cid: int, port: int, timeout: float | None = None) -> socket.socket:
+    def connect(
+        self, cid: int, port: int, timeout: float | None = None, local_port: int | None = None
+    ) -> socket.socket:
         path = self.socket_path(cid, port)
+        if local_port is not None and local_port < PRIVILEGED_PORT_LIMIT:
+            _require_bind_service_capability(local_port)
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.settimeout(timeout)
             _connect_unix(conn, path, VsockAddress(cid, port))
-            conn.sendall(self._preamble())
+            conn.sendall(self._preamble(local_port))
         except OSError:
             conn.close()
             raise
@@ -168,18 +179,21 @@ class EmulatedFabric:
         return await asyncio.start_unix_server(on_connect, sock=listener)
 
     async def open_connection(
-        self, cid: int, port: int
+        self, cid: int, port: int, local_port: int | None = None
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         path = self.socket_path(cid, port)
+        if local_port is not None and local_port < PRIVILEGED_PORT_LIMIT:
+            _require_bind_service_capability(local_port)
         try:
             reader, writer = await asyncio.open_unix_connection(os.fsencode(path))
         except FileNotFoundError as err:
             raise _refused(VsockAddress(cid, port)) from err
-        writer.write(self._preamble())
+        writer.write(self._preamble(local_port))
         return reader, writer
 
-    def _preamble(self) -> bytes:
-        return PREAMBLE.pack(PREAMBLE_MAGIC, self.cid, random.randint(*EPHEMERAL_PORTS))
+    def _preamble(self, local_port: int | None = None) -> bytes:
+        port = random.randint(*EPHEMERAL_PORTS) if local_port is None else local_port
+        return PREAMBLE.pack(PREAMBLE_MAGIC, self.cid, port)
 
 
 class RealVsock:
@@ -206,11 +220,15 @@ class RealVsock:
         conn, (cid, port) = listener.accept()
         return conn, VsockAddress(cid, port)
 
-    def connect(self, cid: int, port: int, timeout: float | None = None) -> socket.socket:
+    def connect(
+        self, cid: int, port: int, timeout: float | None = None, local_port: int | None = None
+    ) -> socket.socket:
         _check_port(port)
         conn = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         try:
             conn.settimeout(timeout)
+            if local_port is not None:
+                conn.bind((VMADDR_CID_ANY, local_port))
             conn.connect((cid, port))
         except OSError:
             conn.close()
@@ -229,12 +247,14 @@ class RealVsock:
         return await asyncio.start_server(on_connect, sock=listener)
 
     async def open_connection(
-        self, cid: int, port: int
+        self, cid: int, port: int, local_port: int | None = None
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         _check_port(port)
         conn = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         conn.setblocking(False)
         try:
+            if local_port is not None:
+                conn.bind((VMADDR_CID_ANY, local_port))
             await asyncio.get_running_loop().sock_connect(conn, (cid, port))
         except OSError:
             conn.close()
@@ -261,6 +281,45 @@ def listen(port: int, cid: int = VMADDR_CID_ANY, backlog: int = 128) -> socket.s
 
 def accept(listener: socket.socket) -> tuple[socket.socket, VsockAddress]:
     return backend().accept(listener)
+
+
+def connect_privileged(
+    fabric: Backend, cid: int, port: int, timeout: float | None = None
+) -> socket.socket:
+    """Connect from a source port below 1024, which only a process with CAP_NET_BIND_SERVICE
+    can bind: the init control server's proof that the peer is root on the parent (docs/init.md).
+
+    Raises PermissionError when this process may not bind one.
+    """
+    for local_port in PRIVILEGED_SOURCE_PORTS:
+        try:
+            return fabric.connect(cid, port, timeout, local_port=local_port)
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, "every privileged vsock source port (512-1023) is in use")
+
+
+def _require_bind_service_capability(local_port: int) -> None:
+    """The emulated fabric's stand-in for the kernel's check on binding a port below 1024."""
+    if not _has_effective_capability(_CAP_NET_BIND_SERVICE):
+        raise PermissionError(
+            errno.EACCES, f"binding vsock source port {local_port} needs CAP_NET_BIND_SERVICE"
+        )
+
+
+_CAP_NET_BIND_SERVICE = 10
+
+
+def _has_effective_capability(bit: int) -> bool:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> bit & 1)
+    except (OSError, ValueError):
+        pass
+    return os.geteuid() == 0
 
 
 def connect(cid: int, port: int, timeout: float | None = None) -> socket.socket:

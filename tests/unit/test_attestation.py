@@ -428,8 +428,8 @@ def test_build_refuses_a_key_that_does_not_match_the_certificate(chain: Chain) -
 def test_build_refuses_what_verification_would_reject(chain: Chain) -> None:
     with pytest.raises(AttestationError, match=r"payload\.pcrs\[0\]: must be 48 bytes"):
         build(chain, pcrs={0: bytes(32)})
-    with pytest.raises(AttestationError, match=r"payload\.nonce: is 513 bytes, must be 0\.\.512"):
-        build(chain, nonce=bytes(513))
+    with pytest.raises(AttestationError, match=r"payload\.nonce: is 1025 bytes, must be 0\.\.1024"):
+        build(chain, nonce=bytes(1025))
 
 
 # --- structure: each rule names its field -------------------------------------------------
@@ -454,8 +454,8 @@ def _payload_fields(chain: Chain) -> dict[str, Any]:
         ({"certificate": b""}, r"^payload\.certificate: is 0 bytes, must be 1\.\.1024"),
         ({"cabundle": []}, r"^payload\.cabundle: must be a non-empty array"),
         ({"cabundle": [b"x" * 1025]}, r"^payload\.cabundle\[0\]: is 1025 bytes"),
-        ({"public_key": b""}, r"^payload\.public_key: is 0 bytes, must be 1\.\.1024"),
-        ({"user_data": bytes(513)}, r"^payload\.user_data: is 513 bytes, must be 0\.\.512"),
+        ({"public_key": bytes(1025)}, r"^payload\.public_key: is 1025 bytes, must be 0\.\.1024"),
+        ({"user_data": bytes(1025)}, r"^payload\.user_data: is 1025 bytes, must be 0\.\.1024"),
         ({"nonce": "text"}, r"^payload\.nonce: must be a byte string, got str"),
         ({"extra": 1}, r"^payload: unexpected field\(s\) \['extra'\]"),
         ({"cabundle": None}, r"^payload\.cabundle: "),
@@ -688,8 +688,11 @@ def test_cli_unreadable_inputs_are_clear(
     ("argument", "message"),
     [
         (["--expect-pcr", "0=zz"], "PCR value is not hex"),
-        (["--expect-pcr", "zero=00"], "is not N=HEX"),
-        (["--expect-pcr", "32=00"], "PCR index must be 0..31"),
+        (["--expect-pcr", "zero=00"], "is not a PCR index"),
+        (["--expect-pcr", "00"], "is not N=HEX"),
+        (["--expect-pcr", "PCR²=00"], "in ASCII digits"),
+        (["--expect-pcr", "٣=00"], "in ASCII digits"),
+        (["--expect-pcr", "32=00"], "write 0 to 31"),
         (["--nonce", "xyz"], "is not hex"),
         (["--at", "2023-09-18 15:00"], "has no UTC offset"),
         (["--at", "yesterday"], "is not an RFC 3339 time"),

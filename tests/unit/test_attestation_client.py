@@ -163,7 +163,10 @@ def test_a_url_must_be_http() -> None:
 @pytest.mark.parametrize(
     ("pcrs", "message"),
     [
-        ({"PCR32": "00" * 48}, "is not a PCR index (0 to 31"),
+        ({"PCR32": "00" * 48}, "is not a PCR index: write 0 to 31"),
+        ({"PCR²": "00" * 48}, "in ASCII digits"),
+        ({"٣": "00" * 48}, "in ASCII digits"),
+        ({True: "00" * 48}, "is a bool"),
         ({"first": "00" * 48}, "is not a PCR index"),
         ({0: "abc"}, "expected PCR 0 is not 96 hex digits"),
         ({0: "00" * 32}, "expected PCR 0 is not 96 hex digits"),
@@ -179,8 +182,9 @@ def test_nonce_is_hex_of_a_usable_length() -> None:
     assert parse_nonce("0x0a1b") == b"\x0a\x1b"
     with pytest.raises(AttestationInputError, match="not hex"):
         parse_nonce("xyz")
-    with pytest.raises(AttestationInputError, match="give 1 to 512 bytes"):
-        parse_nonce("00" * 513)
+    assert parse_nonce("00" * 1024) == bytes(1024)
+    with pytest.raises(AttestationInputError, match="give 1 to 1024 bytes"):
+        parse_nonce("00" * 1025)
 
 
 def test_a_missing_root_file_names_the_emulator_location(tmp_path) -> None:

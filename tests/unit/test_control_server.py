@@ -353,8 +353,12 @@ def test_the_manifest_control_section_configures_the_server(socket_path: Path) -
 # --- vsock ---------------------------------------------------------------------------------------
 
 
-async def vsock_exchange(root: Path, cid: int, payload: bytes) -> bytes:
-    reader, writer = await EmulatedFabric(root, cid).open_connection(ENCLAVE_CID, CONTROL_PORT)
+async def vsock_exchange(
+    root: Path, cid: int, payload: bytes, local_port: int | None = 1023
+) -> bytes:
+    """One exchange from ``cid``; by default from a privileged source port, as root's are."""
+    fabric = EmulatedFabric(root, cid)
+    reader, writer = await fabric.open_connection(ENCLAVE_CID, CONTROL_PORT, local_port)
     writer.write(payload)
     await writer.drain()
     try:
@@ -376,6 +380,39 @@ def test_on_vsock_only_allowed_cids_are_answered(enclave_fabric_root: Path) -> N
             assert json.loads(again)["ServiceList"]["services"][0]["name"] == "db"
         finally:
             await server.close()
+
+    run_async(scenario())
+
+
+@pytest.mark.security
+def test_an_unprivileged_source_port_on_the_parent_is_refused(enclave_fabric_root: Path) -> None:
+    # On a Nitro parent every process is CID 3: the source port below 1024 (CAP_NET_BIND_SERVICE)
+    # is what tells root from any local user (docs/init.md).
+    async def scenario() -> None:
+        server = ControlServer(FakeController(), unix_socket=None, vsock_port=CONTROL_PORT)
+        await server.start()
+        try:
+            for port in (1024, 40000, 60000):
+                assert (
+                    await vsock_exchange(enclave_fabric_root, 3, b'"SystemShutdown"\n', port) == b""
+                )
+            lenient = ControlServer(
+                FakeController(),
+                unix_socket=None,
+                vsock_port=CONTROL_PORT + 1,
+                require_privileged_port=False,
+            )
+        finally:
+            await server.close()
+        await lenient.start()
+        try:
+            fabric = EmulatedFabric(enclave_fabric_root, 3)
+            reader, writer = await fabric.open_connection(ENCLAVE_CID, CONTROL_PORT + 1, 40000)
+            writer.write(b'"Ping"\n')
+            assert decode_response(await asyncio.wait_for(reader.read(), 10)) == PongResponse()
+            writer.close()
+        finally:
+            await lenient.close()
 
     run_async(scenario())
 

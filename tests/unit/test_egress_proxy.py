@@ -202,7 +202,7 @@ def test_a_chunked_request_body_is_forwarded_as_sent(fabric_root: Path) -> None:
     async def run() -> bytes:
         upstream = await asyncio.start_server(server, "127.0.0.1", 0)
         port = upstream.sockets[0].getsockname()[1]
-        async with upstream, _egress(fabric_root, allow=("app.test",)) as (proxy, _):
+        async with upstream, _egress(fabric_root, allow=("app.test", "127.0.0.1")) as (proxy, _):
             request = (
                 f"POST http://app.test:{port}/up HTTP/1.1\r\nHost: app.test\r\n"
                 "Transfer-Encoding: chunked\r\nProxy-Connection: keep-alive\r\n\r\n"
@@ -288,7 +288,7 @@ def test_https_through_connect_works_with_a_real_client(fabric_root: Path, tmp_p
     with _http_server(context=server_context) as server:
 
         async def run() -> tuple[int, bytes]:
-            async with _egress(fabric_root, allow=("*.test",)) as (proxy, _):
+            async with _egress(fabric_root, allow=("*.test", "127.0.0.1")) as (proxy, _):
                 return await in_executor(client, proxy, _port(server))
 
         assert run_async(run()) == (200, b"GET /secret ")
@@ -363,7 +363,9 @@ def test_denied_destinations_get_403_and_never_reach_the_server(fabric_root: Pat
     )
     assert literal == (
         403,
-        f"egress to 127.0.0.1:{port} is denied: 127.0.0.1 is in no allowed network\n",
+        f"egress to 127.0.0.1:{port} is denied: 127.0.0.1 is in 127.0.0.0/8 (loopback, "
+        "link-local or instance metadata), denied by default; allow it explicitly with an IP "
+        "rule (egress.allow: [127.0.0.1])\n",
     )
     assert tunnel[0] == 403
 

@@ -27,6 +27,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from enclave_runtime.cli import eif_cmd
+from enclave_runtime.emulator import cli as emulator_cli
 from enclave_runtime.errors import EnclaveOpsError
 from enclave_runtime.formats.cose import decode_sign1
 from enclave_runtime.formats.eif import (
@@ -426,7 +427,8 @@ def test_image_modified_after_signing_fails_signature_check(parts, tmp_path, sig
         verify_eif(tmp_path / "evil.eif")
 
 
-def test_signature_by_another_key_fails_signature_check(parts, tmp_path, signing):
+def _signed_by_another_key(parts, tmp_path, signing) -> Path:
+    """A signed EIF whose certificate is swapped for another key's (CRC fixed up)."""
     cert, key, _ = signing
     data = bytearray(
         build(parts, tmp_path / "s.eif", signing_certificate=cert, private_key=key).read_bytes()
@@ -441,8 +443,28 @@ def test_signature_by_another_key_fails_signature_check(parts, tmp_path, signing
     struct.pack_into(">Q", data, 284 + 5 * 8, len(swapped))
     rewrite_crc(data)
     (tmp_path / "swapped.eif").write_bytes(data)
+    return tmp_path / "swapped.eif"
+
+
+def test_signature_by_another_key_fails_signature_check(parts, tmp_path, signing):
+    swapped = _signed_by_another_key(parts, tmp_path, signing)
     with pytest.raises(EifError, match="does not verify against the signer's key"):
-        verify_eif(tmp_path / "swapped.eif")
+        verify_eif(swapped)
+    assert read_eif(swapped).describe()["SignatureCheck"] is False  # enclaveops eif describe
+
+
+@pytest.mark.security
+def test_nitro_emu_describe_eif_fails_on_another_key_as_nitro_cli_does(
+    parts, tmp_path, signing, monkeypatch, capsys
+):
+    # aws-nitro-enclaves-image-format's get_certificate_info cannot extract the payload of a
+    # signature that does not verify, so nitro-cli describe-eif errors out (docs/eif.md).
+    swapped = _signed_by_another_key(parts, tmp_path, signing)
+    monkeypatch.setenv("NITRO_EMU_ROOT", str(tmp_path / "emu"))
+    assert emulator_cli.main(["describe-eif", "--eif-path", str(swapped)]) == 35
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "Failed to get certificate sigining info" in captured.err
 
 
 def test_verify_checks_certificate_validity_when_given_a_time(parts, tmp_path):

@@ -125,7 +125,7 @@ def test_a_unit_means_the_same_in_a_file_and_in_the_manifest() -> None:
             "unknown key 'Execstart' (did you mean 'ExecStart'?)",
         ),
         ('ExecStart = "/bin/app"\nRestartSec = -1', "RestartSec: must be at least 0, got -1"),
-        ('ExecStart = "/bin/app"\nRestartSec = nan', "RestartSec: expected a number, got nan"),
+        ('ExecStart = "/bin/app"\nRestartSec = nan', "RestartSec: expected an integer, got nan"),
         ('ExecStart = "/bin/app"\nServiceEnable = "yes"', "ServiceEnable: expected a boolean"),
         (
             'ExecStart = "/bin/app"\nWorkingDirectory = "app"',
