@@ -11,7 +11,7 @@ test:
 	@scripts/test.sh
 
 lint: setup
-	@.venv/bin/ruff check . && .venv/bin/ruff format --check .
+	@.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports
 
 bench: setup
 	@for b in bench/*.py; do echo "== $$b"; .venv/bin/python "$$b" || exit 1; done

@@ -27,18 +27,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from enclave_runtime.build.docker_rootfs import FlatRootfs, export_rootfs, image_config
+from enclave_runtime.build.eif_builder import bootstrap_ramdisk, customer_ramdisk, find_blobs
+from enclave_runtime.build.image_layers import LayerBuilder, append_layer, container_config
+from enclave_runtime.build.pipeline import amend, amended_reference
+from enclave_runtime.build.project_images import ensure_project_images
 from enclave_runtime.formats.eif import build_eif
-from enclave_runtime.host.build_pipeline import amend, amended_reference
-from enclave_runtime.host.docker_rootfs import (
-    FlatRootfs,
-    docker_client,
-    export_rootfs,
-    get_image,
-    image_config,
-)
-from enclave_runtime.host.eif_builder import bootstrap_ramdisk, customer_ramdisk, find_blobs
-from enclave_runtime.host.image_layers import LayerBuilder, append_layer, container_config
-from enclave_runtime.host.project_images import ensure_project_images
+from enclave_runtime.host.docker_engine import docker_client, get_image
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_IMAGE = "enclaveops/debian-base:bookworm"

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from enclave_runtime.init.initctl import InitClient, InitctlConfig  # noqa: E402
+from enclave_runtime.transport.init_client import InitClient, InitctlConfig  # noqa: E402
 
 MANIFEST = """\
 version: v1

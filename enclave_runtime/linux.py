@@ -30,7 +30,3 @@ def bring_interface_up(name: str = "lo") -> None:
         return
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         fcntl.ioctl(sock, SIOCSIFFLAGS, IFREQ.pack(name.encode(), flags | IFF_UP | IFF_RUNNING))
-
-
-def list_interfaces() -> list[str]:
-    return [name for _index, name in socket.if_nameindex()]

@@ -31,7 +31,7 @@ for arg in "$@"; do
     esac
 done
 
-helper() { (cd "$repo" && "$python" -m enclave_runtime.host.project_images "$@"); }
+helper() { (cd "$repo" && "$python" -m enclave_runtime.build.project_images "$@"); }
 image_id() { docker image inspect -f '{{.Id}}' "$1" 2>/dev/null || true; }
 inputs_of() { docker image inspect -f "{{index .Config.Labels \"$label\"}}" "$1" 2>/dev/null || true; }
 

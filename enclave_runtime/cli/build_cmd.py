@@ -15,14 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from enclave_runtime.host.build_pipeline import (
-    BUILDERS,
-    BuildOptions,
-    BuildResult,
-    SectionDigest,
-    build,
-    explain,
-)
+from enclave_runtime.build.explain import SectionDigest, explain
+from enclave_runtime.build.pipeline import BUILDERS, BuildOptions, BuildResult, build
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from enclave_runtime.errors import EnclaveOpsError
 from enclave_runtime.formats.manifest import load_manifest
-from enclave_runtime.host.docker_rootfs import docker_client, docker_module
+from enclave_runtime.host.docker_engine import docker_client, docker_module
 from enclave_runtime.host.sleeve_container import (
     PortBinding,
     SleeveConfig,

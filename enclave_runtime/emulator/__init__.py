@@ -1,4 +1,4 @@
-"""nitro-emu: a drop-in for nitro-cli on machines without Nitro hardware (DESIGN §6).
+"""nitro-emu: a drop-in for nitro-cli on machines without Nitro hardware (docs/emulator.md).
 
 The ``nitro-emu`` command (:mod:`.cli`) speaks nitro-cli's flags, JSON and ``[ Exx ]`` errors
 (:mod:`.nitro_cli_errors`); enclaves, the emulated instance ID and the resource bookkeeping live

@@ -28,20 +28,18 @@ from types import ModuleType
 from typing import Any, BinaryIO, Callable
 
 from enclave_runtime import __version__
-from enclave_runtime.emulator import nitro_cli_errors as errors
-from enclave_runtime.emulator.nitro_cli_errors import NitroCliError
+from enclave_runtime.build import eif_builder
 from enclave_runtime.emulator.state import (
-    MIB,
     EmulatorState,
     EnclaveRecord,
     ResourceRequest,
     check_cpu_request,
-    check_memory_for_eif,
     default_enclave_name,
     default_root,
 )
 from enclave_runtime.errors import EnclaveOpsError
 from enclave_runtime.formats import allocator_config
+from enclave_runtime.formats import nitro_cli_errors as errors
 from enclave_runtime.formats.allocator_config import AllocatorConfig
 from enclave_runtime.formats.eif import EifError, EifImage, read_eif
 from enclave_runtime.formats.eif_signature import (
@@ -49,6 +47,8 @@ from enclave_runtime.formats.eif_signature import (
     certificate_pcr,
     check_certificate_validity,
 )
+from enclave_runtime.formats.nitro_cli_errors import NitroCliError
+from enclave_runtime.formats.nitro_cli_rules import MIB, check_memory_for_eif
 from enclave_runtime.formats.pcr import PcrHasher
 from enclave_runtime.formats.vsock_ports import HOST_CID, PARENT_CID
 
@@ -60,7 +60,6 @@ ENV_BACKTRACE = "BACKTRACE"
 DEFAULT_POOL = AllocatorConfig(memory_mib=2048, cpu_count=2)
 DEFAULT_BLOBS = Path(__file__).resolve().parent / "blobs"
 LAUNCHER_MODULE = "enclave_runtime.emulator.launcher"
-BUILDER_MODULE = "enclave_runtime.host.eif_builder"
 
 U32_MAX = 0xFFFFFFFF
 U64_MAX = 0xFFFFFFFFFFFFFFFF
@@ -713,9 +712,8 @@ def _build_enclave(context: Context, args: argparse.Namespace) -> int:
         )
         raise UsageError(f"the argument '{present}' requires '{absent}'")
     print("Start building the Enclave Image...", file=sys.stderr)
-    builder = _eif_builder()
     try:
-        measurements = builder.build_from_docker_image(
+        measurements = eif_builder.build_from_docker_image(
             docker_uri=args.docker_uri,
             output_path=Path(args.output_file),
             blobs_dir=context.blobs,
@@ -732,17 +730,6 @@ def _build_enclave(context: Context, args: argparse.Namespace) -> int:
     print("Enclave Image successfully created.", file=sys.stderr)
     _print_json({"Measurements": measurements.to_nitro_cli()})
     return 0
-
-
-def _eif_builder() -> ModuleType:
-    try:
-        return importlib.import_module(BUILDER_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name is None or not f"{BUILDER_MODULE}.".startswith(f"{err.name}."):
-            raise  # the builder is there but one of its own imports is not: a bug to see
-        raise errors.eif_building_error(
-            f"the native EIF builder ({BUILDER_MODULE}) is not installed"
-        ) from None
 
 
 def _register_describe_eif(subparsers: Any, common: argparse.ArgumentParser) -> None:

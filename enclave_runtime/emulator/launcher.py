@@ -23,12 +23,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from enclave_runtime.emulator import nitro_cli_errors as errors
-from enclave_runtime.emulator.sandbox import HEARTBEAT, HEARTBEAT_PORT, SandboxSpec
+from enclave_runtime.emulator.sandbox import SandboxSpec
 from enclave_runtime.emulator.state import EnclaveRecord
 from enclave_runtime.formats import cpio
+from enclave_runtime.formats import nitro_cli_errors as errors
 from enclave_runtime.formats.eif import EifImage
-from enclave_runtime.formats.vsock_ports import PARENT_CID
+from enclave_runtime.formats.vsock_ports import HEARTBEAT, HEARTBEAT_PORT, PARENT_CID
 from enclave_runtime.transport.vsock import EmulatedFabric
 
 TERMINATE_GRACE = 10.0

@@ -35,12 +35,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from enclave_runtime.emulator import mounts
+from enclave_runtime.formats.vsock_ports import HEARTBEAT, HEARTBEAT_PORT, PARENT_CID
 from enclave_runtime.linux import bring_interface_up
 from enclave_runtime.transport.vsock import ENV_CID, ENV_ROOT, EmulatedFabric
 
-HEARTBEAT = b"\xb7"
-HEARTBEAT_PORT = 9000
-PARENT_CID = 3
 AWS_INIT_PATH = "/sbin:/usr/sbin:/bin:/usr/bin"
 FABRIC_MOUNT = "/run/nitro-emu"
 RAW_INIT = "init"

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from enclave_runtime.emulator import nitro_cli_errors as errors
 from enclave_runtime.errors import EnclaveOpsError
+from enclave_runtime.formats import nitro_cli_errors as errors
 from enclave_runtime.formats.allocator_config import AllocatorConfig
 from enclave_runtime.formats.vsock_ports import FIRST_ENCLAVE_CID, PARENT_CID
 from enclave_runtime.transport.vsock import ENV_ROOT, VMADDR_CID_ANY
@@ -49,8 +49,6 @@ FLAGS_NONE = "NONE"
 FLAGS_DEBUG_MODE = "DEBUG_MODE"
 
 HUGE_PAGE_MIB = 2
-ENCLAVE_MEMORY_EIF_SIZE_RATIO = 4
-MIB = 1024 * 1024
 RECORD_VERSION = 1
 
 _INSTANCE_ID = re.compile(r"i-[0-9a-f]{17}")
@@ -461,19 +459,6 @@ def check_cpu_request(pool: AllocatorConfig, request: ResourceRequest) -> None:
                 raise errors.cpu_not_in_pool(cpu)
     elif request.cpu_count is not None and request.cpu_count > len(pool_ids):
         raise errors.insufficient_cpus(request.cpu_count, len(pool_ids))
-
-
-def minimum_memory_mib(eif_size: int) -> int:
-    """The least ``--memory`` nitro-cli accepts for an EIF of ``eif_size`` bytes (4 × its MiB)."""
-    return -(-eif_size // MIB) * ENCLAVE_MEMORY_EIF_SIZE_RATIO
-
-
-def check_memory_for_eif(memory_mib: int, eif_size: int) -> None:
-    """E26 when the memory cannot hold 4 × the EIF (the rule of nitro-cli's resource_manager)."""
-    if ENCLAVE_MEMORY_EIF_SIZE_RATIO * eif_size > memory_mib * MIB:
-        raise errors.insufficient_memory_requested(memory_mib, minimum_memory_mib(eif_size))
-    if memory_mib <= 0:
-        raise errors.insufficient_memory_requested(memory_mib, None)
 
 
 def allocated_memory_mib(memory_mib: int) -> int:

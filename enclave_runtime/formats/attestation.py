@@ -30,11 +30,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from enclave_runtime.errors import FormatError
 from enclave_runtime.formats.cbor_maps import DuplicateKeyError, reject_duplicate_keys
 from enclave_runtime.formats.cose import HEADER_ALG, CoseError, CoseSign1, decode_sign1, sign1
-from enclave_runtime.formats.pcr import PCR_COUNT
+from enclave_runtime.formats.pcr import PCR_COUNT, PCR_SIZE, pcr_differences
 
 ES384 = -35
 DIGEST = "SHA384"
-PCR_LENGTH = 48
+PCR_LENGTH = PCR_SIZE
 MAX_CERTIFICATE_BYTES = 1024
 MAX_PUBLIC_KEY_BYTES = 1024
 # AWS's attestation spec and its nsm-check test: user_data, nonce and public_key are each
@@ -609,17 +609,12 @@ def _verify_signature(envelope: CoseSign1, leaf: x509.Certificate) -> None:
 
 
 def _check_expected_pcrs(actual: Mapping[int, bytes], expected: Mapping[int, bytes]) -> None:
-    for index in sorted(expected):
-        want = bytes(expected[index])
-        have = actual.get(index)
+    for index, want, have in pcr_differences(expected, actual)[:1]:
         if have is None:
             raise AttestationError(
                 f"pcr {index}", f"expected {want.hex()}, document has no PCR {index}"
             )
-        if not hmac.compare_digest(want, have):
-            raise AttestationError(
-                f"pcr {index}", f"expected {want.hex()}, document has {have.hex()}"
-            )
+        raise AttestationError(f"pcr {index}", f"expected {want.hex()}, document has {have.hex()}")
 
 
 def _check_expected_bytes(name: str, actual: bytes | None, expected: bytes | None) -> None:

@@ -1,4 +1,4 @@
-"""The egress policy (DESIGN §4.3): which destinations the enclave may reach.
+"""The egress policy (docs/networking.md, "The policy"): which destinations the enclave may reach.
 
 Deny by default. Each entry of ``allow`` and ``deny`` that parses as an IP address or a CIDR is an
 IP rule; every other entry is a domain pattern, matched label by label from the right and without

@@ -387,6 +387,23 @@ def _cmdline_bytes(cmdline: str | bytes) -> bytes:
     return data
 
 
+def section_pcrs(section_type: SectionType, first_ramdisk: bool) -> tuple[int, ...]:
+    """The PCRs that measure a section, as nitro-cli's EifReader routes them (the one table).
+
+    Kernel, cmdline and the first ramdisk feed PCR0 and PCR1; every later ramdisk PCR0 and PCR2;
+    a signature section PCR8 (through the certificate inside it, not the section's bytes).
+    """
+    if section_type in (SectionType.KERNEL, SectionType.CMDLINE) or (
+        section_type is SectionType.RAMDISK and first_ramdisk
+    ):
+        return (0, 1)
+    if section_type is SectionType.RAMDISK:
+        return (0, 2)
+    if section_type is SectionType.SIGNATURE:
+        return (8,)
+    return ()
+
+
 class _Measurer:
     """Routes sections to the PCR hashers exactly as nitro-cli's EifReader does.
 
@@ -401,16 +418,15 @@ class _Measurer:
         self._ramdisks = 0
 
     def hashers_for(self, section_type: SectionType) -> list[PcrHasher]:
-        if section_type in (SectionType.KERNEL, SectionType.CMDLINE):
-            return [self._image] if self._bootstrap is None else [self._image, self._bootstrap]
-        if section_type is not SectionType.RAMDISK:
-            return []
-        self._ramdisks += 1
-        if self._ramdisks == 1:
-            return [self._image]
-        if self._bootstrap is None:
+        first_ramdisk = section_type is SectionType.RAMDISK and self._ramdisks == 0
+        if section_type is SectionType.RAMDISK:
+            self._ramdisks += 1
+        pcrs = section_pcrs(section_type, first_ramdisk)
+        if 2 in pcrs and self._bootstrap is None:
             self._bootstrap = self._image.copy()
-        return [self._image, self._app]
+        # Until then PCR1 is PCR0's hasher; PCR8 is fed the certificate, not the section.
+        hashers = {0: self._image, 1: self._bootstrap, 2: self._app}
+        return [hashers[pcr] for pcr in pcrs if hashers.get(pcr) is not None]
 
     def measurements(self, pcr8: bytes | None) -> Measurements:
         bootstrap = self._image if self._bootstrap is None else self._bootstrap

@@ -1,4 +1,4 @@
-"""The init control protocol (DESIGN §4.4): enclave-init's JSON requests and responses.
+"""The init control protocol (docs/init.md): enclave-init's JSON requests and responses.
 
 Messages are serde's externally tagged enums, as the Sentient Enclaves Framework's enclave-init
 speaks them (``enclave-init/src/protocol.rs``): a unit variant is a bare string (``"Ping"``), a
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from enclave_runtime.errors import FormatError
+from enclave_runtime.formats import strict_json
 
 # A request is a service name or two: 16 KiB leaves room for any legitimate one (enclave-init
 # reads 8 KiB) and bounds what an unauthenticated peer can make the server buffer.
@@ -564,7 +565,7 @@ def _parse_json(data: bytes, what: str) -> Any:
     if not text.strip():
         raise InitProtocolError(f'{what} is empty: send one JSON value, e.g. "Ping"')
     try:
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_reject_constant)
+        return strict_json.loads(text)
     except json.JSONDecodeError as exc:
         raise InitProtocolError(
             f"{what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
@@ -573,19 +574,6 @@ def _parse_json(data: bytes, what: str) -> Any:
         raise InitProtocolError(f"{what} nests too deeply to be a control message") from None
     except ValueError as exc:
         raise InitProtocolError(f"{what} is not valid JSON: {exc}") from None
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {_quote(key)}")
-        result[key] = value
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 def _split_variant(value: Any, what: str) -> tuple[str, Any]:

@@ -1,4 +1,4 @@
-"""enclaver.yaml, the manifest (DESIGN §4.1): read it, check it, return typed settings.
+"""enclaver.yaml, the manifest (docs/manifest.md): read it, check it, return typed settings.
 
 Checking has two stages and reports everything both find in one :class:`ManifestError`: the
 JSON Schema shipped beside this module (``data/manifest.schema.json``) fixes keys, shapes and
@@ -14,7 +14,6 @@ eight. Only JSON-compatible values are accepted, and duplicate keys are errors.
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import graphlib
 import ipaddress
@@ -33,6 +32,12 @@ import yaml
 
 from enclave_runtime.errors import EnclaveOpsError, FormatError
 from enclave_runtime.formats.kms_checks import kms_egress_findings
+from enclave_runtime.formats.service_graph import (
+    DEPENDENCY_KEYS,
+    ordering_edges,
+    repeated_variables,
+)
+from enclave_runtime.formats.suggestions import did_you_mean
 from enclave_runtime.formats.vsock_ports import INIT_CONTROL_PORT, PARENT_CID, RESERVED_PORT_NAMES
 
 MANIFEST_VERSION = "v1"
@@ -65,7 +70,6 @@ _MAX_DEPTH = 32
 _MAX_DOMAIN_LENGTH = 253
 _MAX_LABEL_LENGTH = 63
 _DOMAIN_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?\Z")
-_DEPENDENCY_KEYS = ("Requires", "After", "Before", "RequiredBy")
 
 PathPart = Union[str, int]
 DocPath = tuple[PathPart, ...]
@@ -753,18 +757,7 @@ def _as_list(value: Any) -> list[Any]:
 def _enum_message(allowed: Sequence[Any], got: Any) -> str:
     choices = [value for value in allowed if value is not None]
     message = f"must be one of {', '.join(_show(value) for value in choices)}; got {_show(got)}"
-    return message + _did_you_mean(got, [str(value) for value in choices], quote=_show)
-
-
-def _did_you_mean(word: Any, candidates: Sequence[str], quote: Any = repr) -> str:
-    """A close match among ``candidates`` (typo or wrong case), quoted like the message."""
-    if not isinstance(word, str):
-        return ""
-    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    if not match:
-        lowered = {candidate.lower(): candidate for candidate in candidates}
-        match = [lowered[word.lower()]] if word.lower() in lowered else []
-    return f" (did you mean {quote(match[0])}?)" if match else ""
+    return message + did_you_mean(got, [str(value) for value in choices], quote=_show)
 
 
 _UNKNOWN_KEY_HINTS = {
@@ -785,7 +778,7 @@ def _unknown_keys(path: DocPath, instance: dict[str, Any], known: list[str]) -> 
         if hint:
             message = f"unknown {where} {key!r}: {hint}"
         else:
-            suggestion = _did_you_mean(key, known)
+            suggestion = did_you_mean(key, known)
             listing = f"; known keys: {', '.join(known)}" if not suggestion else ""
             message = f"unknown {where} {key!r}{suggestion}{listing}"
         yield _Finding(path, message, at=(*path, key))
@@ -1047,7 +1040,7 @@ def _service_findings(doc: dict[str, Any]) -> Iterator[_Finding]:
     relations: dict[str, dict[str, list[str]]] = {}
     for name, unit in units.items():
         unit_path: DocPath = ("services", "units", name)
-        references = {key: _names(_mapping(unit).get(key)) for key in _DEPENDENCY_KEYS}
+        references = {key: _names(_mapping(unit).get(key)) for key in DEPENDENCY_KEYS}
         for key, targets in references.items():
             for index, target in targets:
                 if target not in units:
@@ -1070,37 +1063,26 @@ def _names(value: Any) -> list[tuple[int, str]]:
 
 
 def _unknown_service(target: str, names: Sequence[str]) -> str:
-    suggestion = _did_you_mean(target, names, quote=_show)
+    suggestion = did_you_mean(target, names, quote=_show)
     defined = f"; defined: {', '.join(names)}" if names and not suggestion else ""
     return f"unknown service {_show(target)}{suggestion}{defined}"
 
 
 def _environment_findings(unit_path: DocPath, environment: Any) -> Iterator[_Finding]:
-    first: dict[str, int] = {}
-    for index, item in enumerate(_items(environment)):
-        if not isinstance(item, str) or "=" not in item:
-            continue
-        name = item.split("=", 1)[0]
-        if name in first:
-            message = f"sets {name} again (first set by Environment[{first[name]}])"
-            yield _Finding((*unit_path, "Environment", index), message)
-        first.setdefault(name, index)
+    for index, name, first in repeated_variables(_items(environment)):
+        message = f"sets {name} again (first set by Environment[{first}])"
+        yield _Finding((*unit_path, "Environment", index), message)
 
 
 def _start_order(relations: Mapping[str, Mapping[str, Sequence[str]]]) -> tuple[str, ...]:
     """Topological start order; raises graphlib.CycleError naming the cycle.
 
-    X ``Requires``/``After`` Y: Y starts first (enclave-init orders by Requires too).
-    X ``Before``/``RequiredBy`` Y: X starts first. Names that are not units are ignored.
+    The ordering rule is :func:`enclave_runtime.formats.service_graph.ordering_edges`.
     """
     starts_after: dict[str, set[str]] = {name: set() for name in relations}
-    for name, keys in relations.items():
-        for earlier in (*keys.get("Requires", ()), *keys.get("After", ())):
-            if earlier in starts_after:
-                starts_after[name].add(earlier)
-        for later in (*keys.get("Before", ()), *keys.get("RequiredBy", ())):
-            if later in starts_after:
-                starts_after[later].add(name)
+    for earlier, later_names in ordering_edges(relations).items():
+        for later in later_names:
+            starts_after[later].add(earlier)
     sorter: graphlib.TopologicalSorter[str] = graphlib.TopologicalSorter()
     for name in sorted(starts_after):
         sorter.add(name, *sorted(starts_after[name]))

@@ -14,6 +14,7 @@ the parsing of nitro-cli's output.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -79,12 +80,33 @@ class PcrHasher:
         return extend(ZERO_PCR, self._content.digest())
 
 
-def _parse_pcr_hex(key: str, value: object) -> bytes:
+def pcr_from_hex(value: object) -> bytes:
+    """A PCR from its 96 hex digits; ValueError otherwise (callers name the field)."""
     if not isinstance(value, str) or not _PCR_HEX.fullmatch(value):
+        raise ValueError(f"{value!r} is not {PCR_SIZE * 2} hexadecimal digits (a SHA-384 value)")
+    return bytes.fromhex(value)
+
+
+def pcr_differences(
+    expected: Mapping[int, bytes], actual: Mapping[int, bytes]
+) -> list[tuple[int, bytes, bytes | None]]:
+    """``(index, expected, actual or None)`` for each expected PCR that ``actual`` lacks or
+    differs from, by index; compared in constant time (the one PCR comparison)."""
+    differences = []
+    for index in sorted(expected):
+        want, have = bytes(expected[index]), actual.get(index)
+        if have is None or not hmac.compare_digest(want, bytes(have)):
+            differences.append((index, want, have))
+    return differences
+
+
+def _parse_pcr_hex(key: str, value: object) -> bytes:
+    try:
+        return pcr_from_hex(value)
+    except ValueError:
         raise FormatError(
             f"Measurements.{key} must be 96 hexadecimal digits (a SHA-384 value), got {value!r}"
-        )
-    return bytes.fromhex(value)
+        ) from None
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Wire formats spoken across the enclave boundary (DESIGN §4.2).
+"""Wire formats spoken across the enclave boundary (docs/odyn.md, docs/vsock.md).
 
 Each section is one protocol; every decoder takes bytes from the other side of the boundary and
 raises only its own :class:`~enclave_runtime.errors.FormatError` subclass.
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from enclave_runtime.errors import FormatError
+from enclave_runtime.formats import strict_json
 
 IpAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
@@ -409,17 +410,10 @@ def _egress_json(message: Any) -> bytes:
 
 def _egress_document(payload: bytes, what: str) -> Any:
     try:
-        return json.loads(payload.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        return strict_json.loads(payload.decode("utf-8"))
     except UnicodeDecodeError as err:
         raise EgressProtocolError(f"the {what} is not UTF-8 (byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise EgressProtocolError(f"the {what} is not JSON: {err.msg} at {err.pos}") from None
     except (RecursionError, ValueError) as err:
         raise EgressProtocolError(f"the {what} is not usable JSON: {err}") from None
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    document = dict(pairs)
-    if len(document) != len(pairs):
-        raise ValueError("a key appears twice")  # serde's derive refuses duplicate fields
-    return document

@@ -19,7 +19,6 @@ there and ``reload`` re-reads it); the manifest holds the image's defaults. A
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import math
@@ -46,6 +45,8 @@ from enclave_runtime.formats.manifest import (
     manifest_schema,
     strict_validator,
 )
+from enclave_runtime.formats.service_graph import repeated_variables
+from enclave_runtime.formats.suggestions import did_you_mean
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -285,15 +286,8 @@ def _command_problems(exec_start: str) -> Iterator[str]:
 def _environment_problems(environment: Any) -> Iterator[str]:
     if not isinstance(environment, list):
         return
-    first: dict[str, int] = {}
-    for index, item in enumerate(environment):
-        if not isinstance(item, str) or "=" not in item:
-            continue
-        variable = item.split("=", 1)[0]
-        if variable in first:
-            again = f"sets {variable} again (first set by Environment[{first[variable]}])"
-            yield f"Environment[{index}]: {again}"
-        first.setdefault(variable, index)
+    for index, variable, first in repeated_variables(environment):
+        yield f"Environment[{index}]: sets {variable} again (first set by Environment[{first}])"
 
 
 @functools.lru_cache(maxsize=1)
@@ -338,7 +332,7 @@ def _describe(error: jsonschema.ValidationError) -> Iterator[str]:
             if key in _SYSTEMD_SECTIONS:
                 yield f"[{key}]: {_SYSTEMD_HINT}"
             elif key not in known:
-                hint = _did_you_mean(key, known)
+                hint = did_you_mean(key, known)
                 yield f"unknown key {key!r}{hint}; known keys: {', '.join(known)}"
     elif keyword == "type":
         wanted = (
@@ -352,7 +346,7 @@ def _describe(error: jsonschema.ValidationError) -> Iterator[str]:
     elif keyword == "enum":
         choices = [value for value in error.validator_value if value is not None]
         listed = ", ".join(_show(value) for value in choices)
-        hint = _did_you_mean(error.instance, choices)
+        hint = did_you_mean(error.instance, choices)
         yield f"{where}: must be one of {listed}; got {_show(error.instance)}{hint}"
     elif "x-message" in schema:
         yield f"{where}: {schema['x-message']}, got {_show(error.instance)}"
@@ -360,16 +354,6 @@ def _describe(error: jsonschema.ValidationError) -> Iterator[str]:
         yield f"{where}: must be at least {schema['minimum']}, got {_show(error.instance)}"
     else:
         yield f"{where}: {' '.join(error.message.split())}"
-
-
-def _did_you_mean(word: Any, candidates: list[str]) -> str:
-    if not isinstance(word, str):
-        return ""
-    match = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
-    if not match:
-        lowered = {candidate.lower(): candidate for candidate in candidates}
-        match = [lowered[word.lower()]] if word.lower() in lowered else []
-    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 def _show(value: Any) -> str:

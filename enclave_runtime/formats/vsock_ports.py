@@ -1,4 +1,4 @@
-"""The vsock addresses every EnclaveOps component agrees on (DESIGN §4.2).
+"""The vsock addresses every EnclaveOps component agrees on (docs/vsock.md).
 
 The port numbers are enclaver's, so an enclave built by either tool talks to the other's host
 side. An ingress TCP port P travels as vsock port P, so the manifest checks keep ingress ports off
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 # Parent (CID 3) listens: the enclave's init connects at boot, sends 0xB7 and expects it back.
 HEARTBEAT_PORT = 9000
-# Enclave listens: the init control protocol (DESIGN §4.4), served to allowed peer CIDs only.
+HEARTBEAT = b"\xb7"
+# Enclave listens: the init control protocol (docs/init.md), served to allowed peer CIDs only.
 INIT_CONTROL_PORT = 9001
 # Enclave listens: the application's status as JSON lines.
 STATUS_PORT = 17000

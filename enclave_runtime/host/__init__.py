@@ -1,8 +1,8 @@
-"""Host side of EnclaveOps: what runs on the parent instance or the build machine (DESIGN §3).
+"""Host plane of EnclaveOps: what runs on the parent instance (docs/architecture.md).
 
-Among its modules, :mod:`.docker_rootfs` turns a Docker image into the flattened root file
-system and the command an enclave boots with, and :mod:`.eif_builder` is the native EIF builder
-(nitro-cli's build-enclave without nitro-cli) that nitro-emu and the build pipeline use.
+The sleeve, the proxies, the nitro-cli wrapper, the allocator, the enclave lifecycle, the
+attestation client and the service state. The build machine's code is in
+:mod:`enclave_runtime.build`.
 """
 
 from __future__ import annotations

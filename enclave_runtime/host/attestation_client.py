@@ -20,10 +20,11 @@ import json
 import os
 import secrets
 import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -41,8 +42,9 @@ from enclave_runtime.formats.attestation import (
 from enclave_runtime.formats.attestation import (
     MAX_NONCE_BYTES as MAX_DOCUMENT_NONCE_BYTES,
 )
-from enclave_runtime.formats.pcr import parse_pcr_index
+from enclave_runtime.formats.pcr import Measurements, parse_pcr_index, pcr_from_hex
 from enclave_runtime.transport import vsock
+from enclave_runtime.waiting import poll
 
 ATTESTATION_PATH = "/v1/attestation"
 DEFAULT_NONCE_BYTES = 32
@@ -52,8 +54,17 @@ DEFAULT_TIMEOUT = 30.0
 _MEASUREMENT_ALGORITHM_KEY = "HashAlgorithm"
 
 
+# Between two attempts of a waiting attestation (the enclave role asked every 2 s too).
+WAIT_DELAY = 2.0
+
+
 class AttestationFetchError(EnclaveOpsError):
-    """The enclave could not be asked for a document, or answered something else."""
+    """The enclave could not be asked for a document, or answered something else.
+
+    Worth retrying: an enclave that has just booted answers once odyn listens.
+    """
+
+    retryable = True
 
 
 class AttestationInputError(EnclaveOpsError, ValueError):
@@ -121,12 +132,15 @@ def parse_nonce(text: str) -> bytes:
     return nonce
 
 
-def parse_expected_pcrs(expected: Mapping[Any, Any]) -> dict[int, bytes]:
+def parse_expected_pcrs(expected: Mapping[Any, Any] | Measurements) -> dict[int, bytes]:
     """Expected PCRs from ``{index: hex}``; keys may be 0, "0" or "PCR0".
 
     nitro-cli's Measurements (``{"HashAlgorithm": ..., "PCR0": ...}``, as the eif and
-    eif_info modules return them) are accepted as they are; ``HashAlgorithm`` is skipped.
+    eif_info modules return them) are accepted as they are; ``HashAlgorithm`` is skipped. A
+    :class:`~enclave_runtime.formats.pcr.Measurements` gives its PCRs as they are.
     """
+    if isinstance(expected, Measurements):
+        return expected.as_pcrs()
     pcrs: dict[int, bytes] = {}
     for key, value in expected.items():
         if key == _MEASUREMENT_ALGORITHM_KEY:
@@ -150,14 +164,11 @@ def _pcr_index(key: Any) -> int:
 
 def _pcr_value(index: int, value: Any) -> bytes:
     try:
-        pcr = bytes.fromhex(str(value))
+        return pcr_from_hex(value)
     except ValueError:
-        pcr = b""
-    if len(pcr) != PCR_LENGTH:
         raise AttestationInputError(
             f"expected PCR {index} is not {PCR_LENGTH * 2} hex digits (a SHA-384 value): {value!r}"
-        )
-    return pcr
+        ) from None
 
 
 def load_root(path: str | os.PathLike[str] | None) -> x509.Certificate:
@@ -293,12 +304,37 @@ def attest(
     return AttestationResult(verified=verified, nonce=nonce, source=str(source))
 
 
+def attest_waiting(
+    source: AttestationSource,
+    wait_timeout: float,
+    *,
+    delay: float = WAIT_DELAY,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    **options: Any,
+) -> AttestationResult:
+    """:func:`attest`, asked again every ``delay`` s while the enclave cannot be reached, until
+    ``wait_timeout``; a document that does not verify fails at once, the last reach error at the
+    end."""
+    last: list[AttestationFetchError] = []
+
+    def attempt() -> AttestationResult | None:
+        try:
+            return attest(source, **options)
+        except AttestationFetchError as err:
+            last[:] = [err]
+            return None
+
+    return poll(attempt, wait_timeout, delay, lambda: last[0], clock=clock, sleep=sleep)
+
+
 __all__ = [
     "AttestationFetchError",
     "AttestationInputError",
     "AttestationResult",
     "AttestationSource",
     "attest",
+    "attest_waiting",
     "fetch_document",
     "load_root",
     "new_nonce",

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from enclave_runtime.errors import EnclaveOpsError
-from enclave_runtime.formats.pcr import Measurements
+from enclave_runtime.formats.pcr import Measurements, pcr_differences
 from enclave_runtime.host.nitro_cli import EnclaveInfo, NitroCli, NitroCliError
+from enclave_runtime.waiting import poll
 
 STATES = ("running", "absent", "restarted")
 RUNNING = "RUNNING"
@@ -158,11 +159,10 @@ def _compare(reasons: list[str], key: str, actual: Any, wanted: Any) -> None:
 
 
 def _measurement_differences(actual: Measurements, expected: Measurements) -> list[str]:
-    running, wanted = actual.to_nitro_cli(), expected.to_nitro_cli()
     return [
-        f"{key} of the running enclave differs from the EIF's ({running.get(key)} != {value})"
-        for key, value in wanted.items()
-        if key.startswith("PCR") and running.get(key) != value
+        f"PCR{index} of the running enclave differs from the EIF's "
+        f"({None if have is None else have.hex()} != {want.hex()})"
+        for index, want, have in pcr_differences(expected.as_pcrs(), actual.as_pcrs())
     ]
 
 
@@ -281,9 +281,10 @@ def wait_until_running(
     clock: Callable[[], float] = time.monotonic,
 ) -> EnclaveInfo:
     """Poll ``describe-enclaves`` until ``name`` is RUNNING; raise EnclaveBootError otherwise."""
-    deadline = clock() + timeout
     last_state = "not listed"
-    while True:
+
+    def running() -> EnclaveInfo | None:
+        nonlocal last_state
         current = find_enclave(cli, name)
         if current is not None and current.state == RUNNING:
             return current
@@ -293,12 +294,15 @@ def wait_until_running(
                 "with debug_mode: true and read `nitro-cli console` to see why"
             )
         last_state = current.state if current is not None else last_state
-        if clock() >= deadline:
-            raise EnclaveBootError(
-                f"enclave {name!r} did not reach {RUNNING} within {timeout:g} s (last state "
-                f"{last_state}); raise wait_timeout, or read `nitro-cli console` in debug mode"
-            )
-        sleep(delay)
+        return None
+
+    def timed_out() -> EnclaveBootError:
+        return EnclaveBootError(
+            f"enclave {name!r} did not reach {RUNNING} within {timeout:g} s (last state "
+            f"{last_state}); raise wait_timeout, or read `nitro-cli console` in debug mode"
+        )
+
+    return poll(running, timeout, delay, timed_out, clock=clock, sleep=sleep)
 
 
 def describe(info: EnclaveInfo) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 The Ansible ``service`` and ``service_info`` modules are thin over this: find the enclave (by CID,
 or by name through ``describe-enclaves``), read the service's state from its init
-(:class:`~enclave_runtime.init.initctl.InitClient`), work out the few requests that close the
-gap, and send them only when something differs, so a second run changes nothing.
+(:class:`~enclave_runtime.transport.init_client.InitClient`), work out the few requests that
+close the gap, and send them only when something differs, so a second run changes nothing.
 
 The init's own rules shape the plan: a disabled service cannot be started, and disabling a
 service also stops it (see :mod:`enclave_runtime.init.manager`).
@@ -18,7 +18,7 @@ from enclave_runtime.errors import EnclaveOpsError
 from enclave_runtime.formats.init_protocol import ServiceInfo, ServiceState
 from enclave_runtime.formats.vsock_ports import INIT_CONTROL_PORT, PARENT_CID
 from enclave_runtime.host.nitro_cli import EnclaveInfo, NitroCli
-from enclave_runtime.init.initctl import DEFAULT_TIMEOUT, InitClient, InitctlConfig
+from enclave_runtime.transport.init_client import DEFAULT_TIMEOUT, InitClient, InitctlConfig
 from enclave_runtime.transport.vsock import EmulatedFabric
 
 STATES = ("started", "stopped", "restarted")
@@ -177,13 +177,17 @@ def _describe(enclaves: list[EnclaveInfo]) -> str:
 
 def enclave_init_client(
     cid: int,
-    port: int = INIT_CONTROL_PORT,
+    port: int | None = None,
     *,
     emulator_root: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> InitClient:
-    """A client for the init of enclave ``cid``, as the parent (the emulator's fabric if given)."""
-    config = InitctlConfig(protocol="vsock", vsock_cid=cid, vsock_port=port, timeout=timeout)
+    """A client for the init of enclave ``cid``, as the parent (the emulator's fabric if given).
+
+    ``port`` None is the init control port every EnclaveOps enclave serves (INIT_CONTROL_PORT).
+    """
+    vsock_port = INIT_CONTROL_PORT if port is None else port
+    config = InitctlConfig(protocol="vsock", vsock_cid=cid, vsock_port=vsock_port, timeout=timeout)
     fabric = EmulatedFabric(Path(emulator_root), PARENT_CID) if emulator_root else None
     return InitClient(config, fabric=fabric)
 

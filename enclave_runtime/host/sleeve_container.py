@@ -12,7 +12,7 @@ A release image's entrypoint is ``sleeve`` (host/sleeve.py), which starts the en
   path, with ``NITRO_EMU_ROOT`` set, so host tools (``nitro-emu describe-enclaves``,
   ``initctl`` over the fabric) see and reach the enclave the container started; a named
   allocator file the same way; and the privileges the emulator's sandbox needs
-  (project_images' ``emulator_container_settings``).
+  (:mod:`.emulator_container`).
 
 ``enclaveops run`` and the ``enclaveops.nitro.sleeve`` module both go through here. Containers
 carry their configuration as labels (the options as JSON, and a digest of the whole container
@@ -26,20 +26,20 @@ import dataclasses
 import hashlib
 import json
 import re
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from enclave_runtime.errors import EnclaveOpsError
-from enclave_runtime.host.docker_rootfs import (
+from enclave_runtime.host.docker_engine import (
     DockerError,
     ImageNotFoundError,
     docker_module,
     get_image,
 )
+from enclave_runtime.host.emulator_container import emulator_container_settings
 from enclave_runtime.host.nitro_cli import EnclaveInfo, NitroCli
-from enclave_runtime.host.project_images import emulator_container_settings
+from enclave_runtime.waiting import poll
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -596,8 +596,10 @@ def wait_for_enclave(container: Container, cli: NitroCli, timeout: float) -> Enc
     ``cli`` runs on the host: it sees the container's enclave because the container shares the
     emulator root, or on Nitro nitro-cli's sockets directory (``NITRO_CONTAINER_SETTINGS``).
     """
-    deadline = time.monotonic() + timeout
-    while True:
+    lines: list[str] = []
+
+    def running() -> EnclaveInfo | None:
+        nonlocal lines
         container.reload()
         lines = _stderr_lines(container)
         if container.status not in ("running", "restarting", "created"):
@@ -607,12 +609,15 @@ def wait_for_enclave(container: Container, cli: NitroCli, timeout: float) -> Enc
             for enclave in cli.describe_enclaves():
                 if enclave.enclave_id == started.enclave_id and enclave.state == "RUNNING":
                     return enclave
-        if time.monotonic() > deadline:
-            raise SleeveContainerError(
-                f"the enclave of container {container.name} was not running after {timeout:g} s; "
-                f"its last messages:\n{_tail(lines)}\n(docker logs {container.name} shows all)"
-            )
-        time.sleep(_POLL_INTERVAL)
+        return None
+
+    def timed_out() -> SleeveContainerError:
+        return SleeveContainerError(
+            f"the enclave of container {container.name} was not running after {timeout:g} s; "
+            f"its last messages:\n{_tail(lines)}\n(docker logs {container.name} shows all)"
+        )
+
+    return poll(running, timeout, _POLL_INTERVAL, timed_out)
 
 
 def _exited(container: Container, lines: Sequence[str]) -> SleeveExitedError:

@@ -1,4 +1,4 @@
-"""The init control server: the control protocol on a Unix socket and on vsock (DESIGN §4.4).
+"""The init control server: the control protocol on a Unix socket and on vsock (docs/init.md).
 
 One request per connection: the server reads until a newline, a half-close, or (for
 enclave-init's initctl, which sends one JSON value and then waits) a complete JSON value, answers
@@ -28,6 +28,13 @@ from pathlib import Path
 from typing import Callable
 
 from enclave_runtime.errors import EnclaveOpsError
+from enclave_runtime.formats.init_errors import (
+    InitError,
+    InternalError,
+    InvalidRequestError,
+    ServerBusyError,
+    UnsupportedError,
+)
 from enclave_runtime.formats.init_protocol import (
     MAX_REQUEST_SIZE,
     ErrorResponse,
@@ -52,14 +59,7 @@ from enclave_runtime.formats.manifest import (
     Control,
 )
 from enclave_runtime.formats.vsock_ports import INIT_CONTROL_PORT, PRIVILEGED_PORT_LIMIT
-from enclave_runtime.init.controller import (
-    InitError,
-    InternalError,
-    InvalidRequestError,
-    ServerBusyError,
-    ServiceController,
-    UnsupportedError,
-)
+from enclave_runtime.init.controller import ServiceController
 from enclave_runtime.transport import vsock
 
 LOG = logging.getLogger("odyn")

@@ -21,6 +21,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from enclave_runtime.formats.service_graph import ordering_edges
+
 
 class Dependencies(Protocol):
     """The dependency keys of a unit (``ServiceUnit`` has them)."""
@@ -114,16 +116,17 @@ def _requirements(units: Mapping[str, Dependencies]) -> dict[str, set[str]]:
 
 
 def _ordering_edges(units: Mapping[str, Dependencies]) -> dict[str, set[str]]:
-    """``earlier -> {later, ...}`` among the planned units only."""
-    edges: dict[str, set[str]] = {name: set() for name in units}
-    for name, unit in units.items():
-        for earlier in (*unit.requires, *unit.after):
-            if earlier in edges:
-                edges[earlier].add(name)
-        for later in (*unit.before, *unit.required_by):
-            if later in edges:
-                edges[name].add(later)
-    return edges
+    """``earlier -> {later, ...}`` among the planned units only (the shared ordering rule)."""
+    relations = {
+        name: {
+            "Requires": unit.requires,
+            "After": unit.after,
+            "Before": unit.before,
+            "RequiredBy": unit.required_by,
+        }
+        for name, unit in units.items()
+    }
+    return ordering_edges(relations)
 
 
 def _unknown_ordering_targets(

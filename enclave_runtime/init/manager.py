@@ -27,8 +27,9 @@ The delay doubles from ``RestartSec`` (at least :data:`MIN_RESTART_DELAY`) with 
 up to ``backoff_cap`` (or ``RestartSec`` if larger), and falls back to ``RestartSec`` after a run
 of at least ``stable_after`` seconds: a crash loop costs a start every few minutes, not a CPU.
 
-**Exits** are learnt from odyn's :class:`~enclave_runtime.odyn.launcher.ChildReaper`, which
-reaps every child; the manager never waits for a process itself.
+**Exits** are learnt from the process layer's
+:class:`~enclave_runtime.process.launcher.ChildReaper`, which reaps every child; the manager never
+waits for a process itself.
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from enclave_runtime.formats.init_errors import (
+    DependencyError,
+    ServiceStartError,
+    ServiceStateError,
+    ShutdownInProgressError,
+    UnitFileError,
+    UnknownServiceError,
+)
 from enclave_runtime.formats.init_protocol import (
     ACTIVE_STATES,
     MAX_LOG_LINES,
@@ -66,18 +75,16 @@ from enclave_runtime.formats.service_unit import (
     unit_file_name,
     unit_file_path,
 )
-from enclave_runtime.init.controller import (
-    DependencyError,
-    ServiceStartError,
-    ServiceStateError,
-    ShutdownInProgressError,
-    UnitFileError,
-    UnknownServiceError,
-)
 from enclave_runtime.init.graph import StartPlan, plan_start
 from enclave_runtime.init.service_logs import Forward, ServiceLog
-from enclave_runtime.odyn.launcher import ChildReaper, Credentials, LaunchError, resolve_user
-from enclave_runtime.odyn.streams import Broadcast
+from enclave_runtime.process.launcher import (
+    ChildReaper,
+    Credentials,
+    LaunchError,
+    resolve_user,
+    switch_arguments,
+)
+from enclave_runtime.process.streams import Broadcast
 
 LOG = logging.getLogger("odyn")
 
@@ -638,7 +645,7 @@ class ServiceManager:
                 cwd=unit.working_directory,
                 env=env,
                 start_new_session=True,
-                **_switch_arguments(credentials),
+                **switch_arguments(credentials),
             )
         except (OSError, ValueError) as err:
             os.close(read_fd)
@@ -903,17 +910,6 @@ def _credentials(unit: ServiceUnit, source: str) -> Credentials | None:
         raise ServiceStartError(str(err)) from None
 
 
-def _switch_arguments(credentials: Credentials | None) -> dict[str, object]:
-    if credentials is None or (credentials.uid, credentials.gid) == (os.getuid(), os.getgid()):
-        return {}
-    # extra_groups always: without it the service would keep odyn's (root's) groups.
-    return {
-        "user": credentials.uid,
-        "group": credentials.gid,
-        "extra_groups": list(credentials.groups),
-    }
-
-
 def _spawn_failure(
     service: _Service,
     argv: list[str],
@@ -928,7 +924,7 @@ def _spawn_failure(
         return f"{lead}: {err}; remove NUL characters from ExecStart and Environment"
     assert isinstance(err, OSError)
     reason = err.strerror or str(err)
-    if err.errno == errno.EPERM and _switch_arguments(credentials):
+    if err.errno == errno.EPERM and switch_arguments(credentials):
         assert credentials is not None
         return (
             f"{lead}: cannot switch to uid {credentials.uid} gid {credentials.gid}: {reason}; "

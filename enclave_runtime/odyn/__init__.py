@@ -1,4 +1,4 @@
-"""odyn, the supervisor inside the enclave (DESIGN §2, §4.2).
+"""odyn, the supervisor inside the enclave (docs/odyn.md).
 
 ``odyn --config-dir DIR -- ARGV...`` serves the application's status (vsock 17000) and log
 (vsock 17001), reads ``DIR/enclaver.yaml``, prepares the enclave (loopback up, kernel RNG seeded

@@ -29,6 +29,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from enclave_runtime.errors import EnclaveOpsError
+from enclave_runtime.formats import strict_json
 from enclave_runtime.formats.manifest import Api, AuxApi
 from enclave_runtime.formats.nsm_messages import ATTESTATION_FIELD_MAX, ErrorCode
 from enclave_runtime.odyn.http import (
@@ -145,15 +146,6 @@ async def dispatch(routes: Routes, request: Request) -> Response:
 # --- request bodies ----------------------------------------------------------------------------
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"field {key!r} appears twice")
-        result[key] = value
-    return result
-
-
 def _short_number(text: str) -> str:
     # Unbounded digit strings cost quadratic time to convert on Python < 3.11.
     if len(text) > MAX_JSON_NUMBER_CHARS:
@@ -169,23 +161,13 @@ def _bounded_float(text: str) -> float:
     return float(_short_number(text))
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """The body as one JSON object; an empty body is an empty object."""
     if not body.strip():
         return {}
     try:
         text = body.decode("utf-8")
-        value = json.loads(
-            text,
-            object_pairs_hook=_unique_keys,
-            parse_int=_bounded_int,
-            parse_float=_bounded_float,
-            parse_constant=_no_constants,
-        )
+        value = strict_json.loads(text, parse_int=_bounded_int, parse_float=_bounded_float)
     except UnicodeDecodeError:
         raise HttpError(400, "the request body is not UTF-8 JSON") from None
     except (ValueError, RecursionError) as err:

@@ -17,13 +17,13 @@ from pathlib import Path
 
 from enclave_runtime.errors import EnclaveOpsError
 from enclave_runtime.odyn import raw_init
-from enclave_runtime.odyn.launcher import DEFAULT_GRACE_PERIOD
 from enclave_runtime.odyn.supervisor import (
     DEFAULT_LINGER,
     EXIT_FATAL,
     SupervisorOptions,
     run_supervisor,
 )
+from enclave_runtime.process.launcher import DEFAULT_GRACE_PERIOD
 from enclave_runtime.transport.nsm import DEFAULT_NSM_PATH
 
 LOG_FORMAT = "[odyn] %(levelname)s %(message)s"

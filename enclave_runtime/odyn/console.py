@@ -27,7 +27,7 @@ from typing import Callable
 
 from enclave_runtime.formats.manifest import DEFAULT_LOG_BUFFER_SIZE
 from enclave_runtime.formats.vsock_ports import APP_LOG_PORT
-from enclave_runtime.odyn.streams import (
+from enclave_runtime.process.streams import (
     DEFAULT_MAX_CLIENTS,
     Broadcast,
     StreamServer,

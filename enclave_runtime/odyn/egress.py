@@ -6,7 +6,7 @@ does (``enclaver/src/bin/odyn/egress.rs``). For each request the proxy:
 
 1. reads the head: ``CONNECT host:port`` (tunnels, e.g. HTTPS) or an absolute-form request
    (``GET http://host[:port]/path``); anything else is 400;
-2. judges the host by the egress policy (DESIGN §4.3): denied is 403;
+2. judges the host by the egress policy (docs/networking.md): denied is 403;
 3. opens one vsock connection to the parent's broker (CID 3, port 17002) and asks it, in
    enclaver's framing (:mod:`enclave_runtime.formats.protocol`), to connect to host:port;
    a failure is 502, no answer in time 504;

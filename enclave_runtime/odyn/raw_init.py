@@ -24,14 +24,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from enclave_runtime.errors import EnclaveOpsError
+from enclave_runtime.formats.vsock_ports import HEARTBEAT, HEARTBEAT_PORT, PARENT_CID
 from enclave_runtime.transport import vsock
 from enclave_runtime.transport.nsm import DEFAULT_NSM_PATH
 
 LOG = logging.getLogger("odyn")
 
-HEARTBEAT = b"\xb7"
-HEARTBEAT_PORT = 9000
-PARENT_CID = 3
 HEARTBEAT_TIMEOUT = 20.0
 NSM_MODULE = "/nsm.ko"
 INIT_PATH = "/sbin:/usr/sbin:/bin:/usr/bin"  # AWS's init uses this PATH for the command

@@ -1,4 +1,4 @@
-"""The status server on vsock 17000: the application's state as JSON lines (DESIGN §4.2).
+"""The status server on vsock 17000: the application's state as JSON lines (docs/odyn.md).
 
 A client first gets the current state, then every change, one line each (see
 :mod:`enclave_runtime.formats.protocol`). Before the application has been started there is no
@@ -11,7 +11,7 @@ import asyncio
 
 from enclave_runtime.formats.protocol import AppStatus, encode_status_line
 from enclave_runtime.formats.vsock_ports import STATUS_PORT
-from enclave_runtime.odyn.streams import (
+from enclave_runtime.process.streams import (
     DEFAULT_MAX_CLIENTS,
     Broadcast,
     StreamServer,

@@ -43,7 +43,8 @@ from enclave_runtime.formats.protocol import (
 from enclave_runtime.formats.vsock_ports import APP_LOG_PORT, STATUS_PORT
 from enclave_runtime.odyn.bootstrap import bootstrap
 from enclave_runtime.odyn.console import Console
-from enclave_runtime.odyn.launcher import (
+from enclave_runtime.odyn.status import StatusServer
+from enclave_runtime.process.launcher import (
     DEFAULT_GRACE_PERIOD,
     App,
     ChildReaper,
@@ -53,7 +54,6 @@ from enclave_runtime.odyn.launcher import (
     resolve_user,
     start_app,
 )
-from enclave_runtime.odyn.status import StatusServer
 from enclave_runtime.transport.nsm import DEFAULT_NSM_PATH
 
 LOG = logging.getLogger("odyn")

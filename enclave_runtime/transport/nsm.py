@@ -8,7 +8,8 @@ What sits at the path decides the backend:
   request bytes (more fails with ``EMSGSIZE``), writes the response into our 0x3000-byte buffer
   and stores its length in ``response.len``. Buffer addresses come from :mod:`array`, not
   :mod:`ctypes`, which Debian's python3-minimal lacks.
-- a **Unix stream socket** (inside a nitro-emu enclave, DESIGN §6): the emulated protocol below.
+- a **Unix stream socket** (inside a nitro-emu enclave, docs/emulator.md): the emulated protocol
+  below.
 
 Emulated protocol, for the emulator's server and anyone writing another client: every message,
 in both directions, is a frame ``u32 big-endian length || CBOR`` carrying exactly the bytes the

@@ -1,6 +1,6 @@
 """vsock: one API over real AF_VSOCK (on Nitro) and the nitro-emu fabric (everywhere else).
 
-The backend is chosen per call from the environment (DESIGN §6):
+The backend is chosen per call from the environment (docs/vsock.md):
 
 - ``NITRO_EMU_ROOT`` set: the emulated fabric. A listener on (cid, port) is the Unix socket
   ``$NITRO_EMU_ROOT/vsock/<cid>/<port>``; a connector first sends a 12-byte preamble with its own

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import yaml
 
-from enclave_runtime.host.project_images import ensure_project_images
+from enclave_runtime.build.project_images import ensure_project_images
 from enclave_runtime.host.service_state import enclave_init_client, read_services
 from tests.ansible.role_support import (
     EXAMPLE,

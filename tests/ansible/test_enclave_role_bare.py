@@ -23,13 +23,13 @@ from typing import Any
 
 import pytest
 
+from enclave_runtime.build.project_images import ensure_project_images
 from enclave_runtime.host.attestation_client import (
     AttestationSource,
     attest,
     load_root,
     parse_expected_pcrs,
 )
-from enclave_runtime.host.project_images import ensure_project_images
 from enclave_runtime.host.service_state import enclave_init_client, read_services
 from enclave_runtime.transport.vsock import EmulatedFabric
 from tests.ansible.role_support import (

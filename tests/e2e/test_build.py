@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from enclave_runtime.host.project_images import ProjectImages, ensure_project_images
+from enclave_runtime.build.project_images import ProjectImages, ensure_project_images
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.root, pytest.mark.docker, pytest.mark.slow]

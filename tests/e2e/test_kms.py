@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from enclave_runtime.host.runtime_bundle import bundle_runtime
+from enclave_runtime.build.runtime_bundle import bundle_runtime
 from tests.ansible.playbook_runner import run_playbook
 from tests.kms_support import boto_client, imds_credentials
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
+from enclave_runtime.build.runtime_bundle import bundle_runtime
 from enclave_runtime.formats.pcr import Measurements
-from enclave_runtime.host.runtime_bundle import bundle_runtime
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.root, pytest.mark.docker, pytest.mark.slow]

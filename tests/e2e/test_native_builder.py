@@ -19,13 +19,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from enclave_runtime.build.eif_builder import build_eif_from_image
 from enclave_runtime.emulator import cli
 from enclave_runtime.formats.cpio import CpioEntry, read_archive
 from enclave_runtime.formats.eif import EifImage, read_eif
 from enclave_runtime.formats.eif_signature import certificate_pcr
-from enclave_runtime.host import docker_rootfs
-from enclave_runtime.host.docker_rootfs import ImageNotFoundError
-from enclave_runtime.host.eif_builder import build_eif_from_image
+from enclave_runtime.host import docker_engine
+from enclave_runtime.host.docker_engine import ImageNotFoundError
 
 pytestmark = [pytest.mark.docker, pytest.mark.root]
 
@@ -43,7 +43,7 @@ CMD ["/bin/cat", "/app/hello.txt"]
 
 @pytest.fixture(scope="module")
 def docker_client() -> Any:
-    return docker_rootfs.docker_client()
+    return docker_engine.docker_client()
 
 
 @pytest.fixture(scope="module")

@@ -32,9 +32,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from enclave_runtime.build.runtime_bundle import bundle_runtime
 from enclave_runtime.formats.attestation import load_root_certificate, verify_attestation_document
 from enclave_runtime.formats.pcr import Measurements
-from enclave_runtime.host.runtime_bundle import bundle_runtime
 from enclave_runtime.transport.vsock import EmulatedFabric
 from tests.tls_support import write_self_signed
 

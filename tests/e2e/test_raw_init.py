@@ -22,11 +22,11 @@ from typing import Any
 
 import pytest
 
+from enclave_runtime.build.eif_builder import find_blobs
+from enclave_runtime.build.runtime_bundle import bundle_runtime
 from enclave_runtime.formats import cpio
 from enclave_runtime.formats.eif import build_eif
 from enclave_runtime.formats.vsock_ports import STATUS_PORT
-from enclave_runtime.host.eif_builder import find_blobs
-from enclave_runtime.host.runtime_bundle import bundle_runtime
 from enclave_runtime.transport.vsock import EmulatedFabric
 from tests.unit.odyn_support import MINIMAL_MANIFEST
 

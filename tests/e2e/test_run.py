@@ -27,10 +27,10 @@ from typing import Any
 import pytest
 import yaml
 
+from enclave_runtime.build.pipeline import amended_reference
+from enclave_runtime.build.project_images import ProjectImages, ensure_project_images
 from enclave_runtime.formats.attestation import load_root_certificate, verify_attestation_document
 from enclave_runtime.formats.pcr import Measurements
-from enclave_runtime.host.build_pipeline import amended_reference
-from enclave_runtime.host.project_images import ProjectImages, ensure_project_images
 from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.root, pytest.mark.docker, pytest.mark.slow]

@@ -22,14 +22,14 @@ from typing import Any
 
 import pytest
 
-from enclave_runtime.host.project_images import (
+from enclave_runtime.build.project_images import (
     RUNTIME_PREFIX,
     ProjectImages,
-    emulator_docker_run_args,
     ensure_project_images,
     prepare_runtime_context,
     runtime_command,
 )
+from enclave_runtime.host.emulator_container import emulator_docker_run_args
 
 pytestmark = [pytest.mark.root, pytest.mark.docker, pytest.mark.slow]
 

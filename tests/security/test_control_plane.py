@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from enclave_runtime.init.control_server import ControlServer
-from enclave_runtime.init.initctl import InitClient, InitConnectionError, InitctlConfig
 from enclave_runtime.transport import vsock
+from enclave_runtime.transport.init_client import InitClient, InitConnectionError, InitctlConfig
 from enclave_runtime.transport.vsock import EmulatedFabric
 from tests.unit.init_support import FakeController
 from tests.unit.odyn_support import ENCLAVE_CID, in_executor, run_async

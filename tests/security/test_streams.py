@@ -12,7 +12,7 @@ import pytest
 from enclave_runtime.formats.protocol import StatusRunning
 from enclave_runtime.formats.vsock_ports import STATUS_PORT
 from enclave_runtime.odyn.status import StatusServer
-from enclave_runtime.odyn.streams import drain_within
+from enclave_runtime.process.streams import drain_within
 from enclave_runtime.transport.vsock import EmulatedFabric
 from tests.unit.odyn_support import run_async
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from enclave_runtime.formats.init_errors import ServiceStateError, UnknownServiceError
 from enclave_runtime.formats.init_protocol import (
     ReloadChanges,
     ServiceDependencies,
@@ -18,7 +19,6 @@ from enclave_runtime.formats.init_protocol import (
     SystemStatus,
 )
 from enclave_runtime.init.control_server import ControlServer
-from enclave_runtime.init.controller import ServiceStateError, UnknownServiceError
 
 
 def service(name: str, **changes: Any) -> ServiceInfo:

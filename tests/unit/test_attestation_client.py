@@ -19,6 +19,7 @@ from enclave_runtime.host.attestation_client import (
     AttestationInputError,
     AttestationSource,
     attest,
+    attest_waiting,
     load_root,
     parse_expected_pcrs,
     parse_nonce,
@@ -190,3 +191,61 @@ def test_a_missing_root_file_names_the_emulator_location(tmp_path) -> None:
     with pytest.raises(AttestationInputError) as caught:
         load_root(tmp_path / "root.pem")
     assert "for the emulator it is <emulator_root>/ca/root.pem" in str(caught.value)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_waiting_asks_again_while_the_enclave_cannot_be_reached(aux, url) -> None:
+    clock = _Clock()
+    aux.error = (503, "Internal API service unavailable")
+
+    def sleep(seconds: float) -> None:
+        clock.sleep(seconds)
+        aux.error = None  # the enclave's odyn listens now
+
+    result = attest_waiting(
+        AttestationSource(url=url),
+        10,
+        root=load_root(aux.root_pem),
+        clock=lambda: clock.now,
+        sleep=sleep,
+    )
+    assert result.verified.document.pcrs[0] == fake_aux_api.PCRS[0]
+    assert clock.now == 2.0
+
+
+def test_waiting_ends_with_the_last_reach_error_marked_retryable(aux, url) -> None:
+    clock = _Clock()
+    aux.error = (503, "Internal API service unavailable")
+    with pytest.raises(AttestationFetchError) as caught:
+        attest_waiting(
+            AttestationSource(url=url),
+            5,
+            root=load_root(aux.root_pem),
+            clock=lambda: clock.now,
+            sleep=clock.sleep,
+        )
+    assert caught.value.retryable is True
+    assert clock.now == 6.0
+
+
+def test_waiting_does_not_retry_a_document_that_does_not_verify(aux, url) -> None:
+    clock = _Clock()
+    aux.replayed_nonce = b"an old nonce"
+    with pytest.raises(AttestationError) as caught:
+        attest_waiting(
+            AttestationSource(url=url),
+            10,
+            root=load_root(aux.root_pem),
+            clock=lambda: clock.now,
+            sleep=clock.sleep,
+        )
+    assert caught.value.check == "nonce"
+    assert not getattr(caught.value, "retryable", False)
+    assert clock.now == 0.0

@@ -16,10 +16,10 @@ from typing import Any
 import docker
 import pytest
 
-from enclave_runtime.formats.eif import build_eif
-from enclave_runtime.formats.manifest import load_manifest
-from enclave_runtime.formats.pcr import Measurements, pcr_of
-from enclave_runtime.host.build_pipeline import (
+from enclave_runtime.build.docker_rootfs import ImageConfigError, image_config
+from enclave_runtime.build.explain import explain
+from enclave_runtime.build.image_layers import ImageStoreError, NoSpaceError, uses_containerd_store
+from enclave_runtime.build.pipeline import (
     LABEL_AMEND_INPUTS,
     LABEL_EIF,
     LABEL_INPUTS,
@@ -42,7 +42,6 @@ from enclave_runtime.host.build_pipeline import (
     check_memory,
     choose_builder,
     existing_release,
-    explain,
     odyn_entrypoint,
     plan_build,
     prune_superseded,
@@ -52,8 +51,9 @@ from enclave_runtime.host.build_pipeline import (
     source_references,
     up_to_date_release,
 )
-from enclave_runtime.host.docker_rootfs import ImageConfigError, image_config
-from enclave_runtime.host.image_layers import ImageStoreError, NoSpaceError, uses_containerd_store
+from enclave_runtime.formats.eif import build_eif
+from enclave_runtime.formats.manifest import load_manifest
+from enclave_runtime.formats.pcr import Measurements, pcr_of
 
 MANIFEST = """\
 version: v1

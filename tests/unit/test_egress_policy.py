@@ -1,4 +1,4 @@
-"""The egress policy (DESIGN §4.3), including enclaver's own pattern tables.
+"""The egress policy (docs/networking.md), including enclaver's own pattern tables.
 
 The tables in ``test_enclavers_domain_patterns`` and ``test_enclavers_ip_patterns`` are the cases
 of enclaver's ``enclaver/src/policy/domain_filter.rs`` and ``ip_filter.rs`` unit tests, so our

@@ -17,26 +17,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from enclave_runtime.emulator.nitro_cli_errors import NitroCliError
-from enclave_runtime.emulator.sandbox import read_config_lines
-from enclave_runtime.formats.cpio import CpioEntry, CpioWriter, extract, read_archive
-from enclave_runtime.formats.eif import read_eif
-from enclave_runtime.formats.eif_metadata import EifMetadataError, read_custom_metadata
-from enclave_runtime.formats.pcr import pcr_of
-from enclave_runtime.host import docker_rootfs
-from enclave_runtime.host.docker_rootfs import (
-    DockerUnavailableError,
+from enclave_runtime.build import docker_rootfs
+from enclave_runtime.build.docker_rootfs import (
     FlatRootfs,
     ImageConfig,
     ImageConfigError,
-    ImageNotFoundError,
     RootfsError,
     cmd_file,
     docker_info,
     env_file,
     image_config,
 )
-from enclave_runtime.host.eif_builder import (
+from enclave_runtime.build.eif_builder import (
     PLACEHOLDER_BLOBS,
     BlobError,
     bootstrap_ramdisk,
@@ -47,6 +39,14 @@ from enclave_runtime.host.eif_builder import (
     kernel_build_info,
     repository_name,
 )
+from enclave_runtime.emulator.sandbox import read_config_lines
+from enclave_runtime.formats.cpio import CpioEntry, CpioWriter, extract, read_archive
+from enclave_runtime.formats.eif import read_eif
+from enclave_runtime.formats.eif_metadata import EifMetadataError, read_custom_metadata
+from enclave_runtime.formats.nitro_cli_errors import NitroCliError
+from enclave_runtime.formats.pcr import pcr_of
+from enclave_runtime.host import docker_engine
+from enclave_runtime.host.docker_engine import DockerUnavailableError, ImageNotFoundError
 
 # The placeholder blobs are part of every emulator EIF's PCR0/PCR1: they must never change.
 PLACEHOLDER_DIGESTS = {
@@ -688,7 +688,7 @@ def test_without_the_docker_sdk_the_error_says_how_to_install_it(monkeypatch) ->
     monkeypatch.setitem(sys.modules, "docker", None)
 
     with pytest.raises(DockerUnavailableError, match="pip install docker"):
-        docker_rootfs.docker_client()
+        docker_engine.docker_client()
 
 
 def test_an_engine_that_does_not_answer_is_named(monkeypatch, tmp_path) -> None:
@@ -696,7 +696,7 @@ def test_an_engine_that_does_not_answer_is_named(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("DOCKER_HOST", f"unix://{socket}")
 
     with pytest.raises(DockerUnavailableError, match=f"unix://{socket}.*start it"):
-        docker_rootfs.docker_client()
+        docker_engine.docker_client()
 
 
 def _build_enclave(tmp_path: Path, blobs: Path, metadata: Path | None = None) -> None:

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from enclave_runtime.emulator import cli, nitro_cli_errors
+from enclave_runtime.emulator import cli
 from enclave_runtime.emulator.launcher import LaunchRequest
 from enclave_runtime.emulator.state import (
     STATE_RUNNING,
@@ -34,6 +34,7 @@ from enclave_runtime.emulator.state import (
     ResourceRequest,
 )
 from enclave_runtime.errors import EnclaveOpsError
+from enclave_runtime.formats import nitro_cli_errors
 from enclave_runtime.formats.allocator_config import AllocatorConfig
 from enclave_runtime.formats.eif import build_eif, read_eif
 from enclave_runtime.formats.eif_signature import certificate_pcr
@@ -796,11 +797,6 @@ class FakeBuilder:
         self.failure = failure
         self.calls: list[dict[str, Any]] = []
 
-    def module(self) -> ModuleType:
-        module = ModuleType(cli.BUILDER_MODULE)
-        module.build_from_docker_image = self.build  # type: ignore[attr-defined]
-        return module
-
     def build(self, **kwargs: Any) -> Measurements:
         self.calls.append(kwargs)
         if self.failure is not None:
@@ -812,7 +808,7 @@ def test_build_enclave_calls_the_native_builder_and_prints_measurements(
     emu, eif, monkeypatch, tmp_path
 ) -> None:
     builder = FakeBuilder(read_eif(eif).measurements)
-    monkeypatch.setitem(sys.modules, cli.BUILDER_MODULE, builder.module())
+    monkeypatch.setattr(cli.eif_builder, "build_from_docker_image", builder.build)
     monkeypatch.setenv("NITRO_CLI_BLOBS", str(tmp_path / "blobs"))
 
     result = emu(
@@ -851,7 +847,7 @@ def test_build_enclave_calls_the_native_builder_and_prints_measurements(
 def test_builder_nitro_cli_errors_pass_through(emu, eif, monkeypatch) -> None:
     failure = nitro_cli_errors.docker_image_pull_error("pull access denied for nope")
     builder = FakeBuilder(read_eif(eif).measurements, failure)
-    monkeypatch.setitem(sys.modules, cli.BUILDER_MODULE, builder.module())
+    monkeypatch.setattr(cli.eif_builder, "build_from_docker_image", builder.build)
 
     result = emu("build-enclave", "--docker-uri", "nope", "--output-file", "x.eif")
 
@@ -861,22 +857,13 @@ def test_builder_nitro_cli_errors_pass_through(emu, eif, monkeypatch) -> None:
 
 def test_build_enclave_failures_are_e48(emu, eif, monkeypatch) -> None:
     builder = FakeBuilder(read_eif(eif).measurements, EnclaveOpsError("no such image"))
-    monkeypatch.setitem(sys.modules, cli.BUILDER_MODULE, builder.module())
+    monkeypatch.setattr(cli.eif_builder, "build_from_docker_image", builder.build)
 
     result = emu("build-enclave", "--docker-uri", "nope", "--output-file", "x.eif")
 
     assert result.status == 48
     assert "[ E48 ] EIF building error." in result.err
     assert "Reason: no such image" in result.err
-
-
-def test_build_enclave_without_the_builder_is_e48(emu, monkeypatch) -> None:
-    monkeypatch.setitem(sys.modules, cli.BUILDER_MODULE, None)
-
-    result = emu("build-enclave", "--docker-uri", "x", "--output-file", "x.eif")
-
-    assert result.status == 48
-    assert "is not installed" in result.err
 
 
 def test_build_enclave_signing_needs_both_files(emu) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from enclave_runtime.emulator.nitro_cli_errors import NitroCliError
 from enclave_runtime.emulator.state import (
     FLAGS_DEBUG_MODE,
     STATE_RUNNING,
@@ -25,15 +24,15 @@ from enclave_runtime.emulator.state import (
     ResourceRequest,
     StateError,
     allocated_memory_mib,
-    check_memory_for_eif,
     default_enclave_name,
     default_root,
-    minimum_memory_mib,
     process_alive,
     process_start_ticks,
     unique_enclave_name,
 )
 from enclave_runtime.formats.allocator_config import AllocatorConfig
+from enclave_runtime.formats.nitro_cli_errors import NitroCliError
+from enclave_runtime.formats.nitro_cli_rules import check_memory_for_eif, minimum_memory_mib
 
 POOL = AllocatorConfig(memory_mib=1024, cpu_count=4)
 MIB = 1024 * 1024

@@ -15,7 +15,7 @@ from typing import Any
 import docker
 import pytest
 
-from enclave_runtime.host.image_layers import (
+from enclave_runtime.build.image_layers import (
     ImageLoadError,
     ImageStoreError,
     LayerBuilder,

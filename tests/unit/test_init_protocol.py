@@ -1,4 +1,4 @@
-"""The init control protocol's messages, as enclave-init's serde encodes them (DESIGN §4.4)."""
+"""The init control protocol's messages, as enclave-init's serde encodes them (docs/init.md)."""
 
 from __future__ import annotations
 

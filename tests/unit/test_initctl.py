@@ -13,6 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from enclave_runtime.formats.init_errors import (
+    DependencyError,
+    InitError,
+    ServiceStateError,
+    UnknownServiceError,
+)
 from enclave_runtime.formats.init_protocol import (
     ErrorResponse,
     Request,
@@ -20,21 +26,12 @@ from enclave_runtime.formats.init_protocol import (
     ServiceState,
 )
 from enclave_runtime.init import initctl
-from enclave_runtime.init.controller import (
-    DependencyError,
-    InitError,
-    ServiceStateError,
-    UnknownServiceError,
-)
-from enclave_runtime.init.initctl import (
+from enclave_runtime.init.initctl import InitctlConfigError, load_config, main, parse_config
+from enclave_runtime.transport.init_client import (
     InitClient,
     InitConnectionError,
     InitctlConfig,
-    InitctlConfigError,
     error_from_response,
-    load_config,
-    main,
-    parse_config,
 )
 from enclave_runtime.transport.vsock import ENV_CID, ENV_ROOT, EmulatedFabric
 from tests.unit.init_support import BackgroundServer, FakeController, unix_server

@@ -25,12 +25,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from enclave_runtime.build.eif_builder import bootstrap_ramdisk, find_blobs
 from enclave_runtime.errors import EnclaveOpsError
 from enclave_runtime.formats.allocator_config import AllocatorConfig
 from enclave_runtime.formats.cpio import CpioWriter
 from enclave_runtime.formats.eif import build_eif
 from enclave_runtime.formats.pcr import Measurements
-from enclave_runtime.host.eif_builder import bootstrap_ramdisk, find_blobs
 from enclave_runtime.host.nitro_cli import (
     EnclaveInfo,
     NitroCli,

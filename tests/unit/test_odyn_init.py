@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from enclave_runtime.formats.init_errors import UnknownServiceError
 from enclave_runtime.formats.init_protocol import ServiceInfo
-from enclave_runtime.init.controller import UnknownServiceError
-from enclave_runtime.init.initctl import InitClient, InitConnectionError, InitctlConfig
+from enclave_runtime.transport.init_client import InitClient, InitConnectionError, InitctlConfig
 from enclave_runtime.transport.vsock import EmulatedFabric
 from tests.unit.odyn_support import (
     ENCLAVE_CID,

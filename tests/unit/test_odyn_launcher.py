@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 import pytest
 
 from enclave_runtime.formats.protocol import AppStatus, StatusExited, StatusSignaled
-from enclave_runtime.odyn.launcher import (
+from enclave_runtime.process.launcher import (
     App,
     ChildReaper,
     Credentials,

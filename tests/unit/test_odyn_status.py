@@ -1,4 +1,4 @@
-"""Status lines (DESIGN §4.2) and odyn's status server on vsock 17000."""
+"""Status lines (docs/odyn.md) and odyn's status server on vsock 17000."""
 
 from __future__ import annotations
 

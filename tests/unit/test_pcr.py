@@ -18,6 +18,8 @@ from enclave_runtime.formats.pcr import (
     Measurements,
     PcrHasher,
     extend,
+    pcr_differences,
+    pcr_from_hex,
     pcr_of,
 )
 
@@ -131,3 +133,17 @@ def test_malformed_nitro_cli_measurements_name_the_field(change, message):
             measurements[key] = value
     with pytest.raises(FormatError, match=message):
         Measurements.from_nitro_cli(measurements)
+
+
+def test_pcr_differences_name_each_missing_or_different_pcr_in_index_order() -> None:
+    a, b = bytes(48), b"\x01" * 48
+    differences = pcr_differences({8: a, 0: a, 2: b}, {0: a, 2: a})
+    assert differences == [(2, b, a), (8, a, None)]
+    assert pcr_differences({0: a}, {0: a, 1: b}) == []
+
+
+def test_pcr_from_hex_takes_exactly_96_hex_digits() -> None:
+    assert pcr_from_hex("ab" * 48) == b"\xab" * 48
+    for bad in ("ab" * 47, "zz" * 48, "ab " * 48, 7, None):
+        with pytest.raises(ValueError, match="96 hexadecimal digits"):
+            pcr_from_hex(bad)

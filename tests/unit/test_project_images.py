@@ -1,4 +1,4 @@
-"""The project images' tags, container settings, input digests and build context, without Docker."""
+"""The project images' tags, input digests and build context, without Docker."""
 
 from __future__ import annotations
 
@@ -16,12 +16,9 @@ import docker
 import pytest
 
 import enclave_runtime
-from enclave_runtime.host.project_images import (
-    EMULATOR_CONTAINER_SETTINGS,
+from enclave_runtime.build.project_images import (
     ProjectImages,
     ProjectImagesError,
-    emulator_container_settings,
-    emulator_docker_run_args,
     ensure_project_images,
     inputs_digest,
     main,
@@ -45,44 +42,6 @@ def test_tags_carry_the_runtime_version() -> None:
     assert sleeve_emulator_image_tag() == f"enclaveops/sleeve-emulator:{VERSION}"
     assert sleeve_nitro_image_tag("9.9.9") == "enclaveops/sleeve:9.9.9"
     assert runtime_command("odyn") == "/opt/enclave-runtime/bin/odyn"
-
-
-def test_the_emulator_root_is_shared_at_the_same_path_with_the_capabilities_it_needs() -> None:
-    settings = emulator_container_settings("/tmp/emu/", "/etc/enclaveops/allocator.yaml")
-    assert settings["cap_add"] == ["SYS_ADMIN", "NET_ADMIN"]
-    assert settings["pid_mode"] == "host"
-    assert settings["volumes"] == {
-        "/tmp/emu": {"bind": "/tmp/emu", "mode": "rw"},
-        "/etc/enclaveops/allocator.yaml": {"bind": "/etc/enclaveops/allocator.yaml", "mode": "ro"},
-    }
-    assert settings["environment"] == {
-        "NITRO_EMU_ROOT": "/tmp/emu",
-        "NITRO_EMU_ALLOCATOR": "/etc/enclaveops/allocator.yaml",
-    }
-
-
-def test_an_allocator_inside_the_root_needs_no_mount_of_its_own() -> None:
-    settings = emulator_container_settings(Path("/tmp/emu"), Path("/tmp/emu/allocator.yaml"))
-    assert list(settings["volumes"]) == ["/tmp/emu"]
-    assert settings["environment"]["NITRO_EMU_ALLOCATOR"] == "/tmp/emu/allocator.yaml"
-
-
-def test_docker_run_arguments_say_the_same() -> None:
-    args = emulator_docker_run_args("/tmp/emu")
-    assert args == [
-        "--cap-add=SYS_ADMIN",
-        "--cap-add=NET_ADMIN",
-        *[f"--security-opt={option}" for option in EMULATOR_CONTAINER_SETTINGS["security_opt"]],
-        "--pid=host",
-        "--user=root",
-        "--volume=/tmp/emu:/tmp/emu:rw",
-        "--env=NITRO_EMU_ROOT=/tmp/emu",
-    ]
-
-
-def test_a_relative_emulator_root_is_refused_with_the_reason() -> None:
-    with pytest.raises(ProjectImagesError, match=r"emulator root .*'emu'.* absolute path"):
-        emulator_container_settings("emu")
 
 
 def _tree(root: Path) -> Path:
@@ -277,7 +236,7 @@ def test_the_checkouts_real_wheel_holds_the_package_without_byte_code(tmp_path: 
     wheel = runtime_wheel(REPO_ROOT, tmp_path / "wheels")
     assert wheel.path.name == f"enclave_runtime-{VERSION}-py3-none-any.whl"
     names = zipfile.ZipFile(wheel.path).namelist()
-    assert "enclave_runtime/host/project_images.py" in names
+    assert "enclave_runtime/build/project_images.py" in names
     assert f"enclave_runtime-{VERSION}.dist-info/entry_points.txt" in names
     assert not [name for name in names if "__pycache__" in name]
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from enclave_runtime.host.runtime_bundle import _runtime_requirements, bundle_runtime
+from enclave_runtime.build.runtime_bundle import _runtime_requirements, bundle_runtime
 
 
 def test_markers_are_evaluated_for_this_interpreter_and_extras_left_out() -> None:

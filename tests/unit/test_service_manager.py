@@ -17,18 +17,18 @@ from typing import Any, Callable
 
 import pytest
 
-from enclave_runtime.formats.init_protocol import ReloadChanges, ServiceInfo, ServiceState
-from enclave_runtime.formats.manifest import Services, ServiceUnit
-from enclave_runtime.init.controller import (
+from enclave_runtime.formats.init_errors import (
     DependencyError,
-    ServiceController,
     ServiceStartError,
     ServiceStateError,
     ShutdownInProgressError,
     UnknownServiceError,
 )
+from enclave_runtime.formats.init_protocol import ReloadChanges, ServiceInfo, ServiceState
+from enclave_runtime.formats.manifest import Services, ServiceUnit
+from enclave_runtime.init.controller import ServiceController
 from enclave_runtime.init.manager import ServiceManager, restart_delay
-from enclave_runtime.odyn.launcher import ChildReaper
+from enclave_runtime.process.launcher import ChildReaper
 
 Scenario = Callable[[ServiceManager, Path], Awaitable[Any]]
 

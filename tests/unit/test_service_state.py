@@ -16,6 +16,7 @@ from typing import Any, Callable
 import pytest
 
 from enclave_runtime.errors import EnclaveOpsError
+from enclave_runtime.formats.init_errors import ServiceStartError, UnknownServiceError
 from enclave_runtime.formats.init_protocol import ServiceInfo, ServiceState
 from enclave_runtime.formats.manifest import Services
 from enclave_runtime.host.nitro_cli import NitroCli
@@ -33,9 +34,8 @@ from enclave_runtime.host.service_state import (
     target_cid,
 )
 from enclave_runtime.init.control_server import ControlServer
-from enclave_runtime.init.controller import ServiceStartError, UnknownServiceError
 from enclave_runtime.init.manager import ServiceManager
-from enclave_runtime.odyn.launcher import ChildReaper
+from enclave_runtime.process.launcher import ChildReaper
 from tests.unit.odyn_support import ENCLAVE_CID, in_executor, run_async
 
 SLEEPER = 'ExecStart = "sleep 60"\n'

@@ -299,7 +299,7 @@ def test_a_missing_tag_names_the_image() -> None:
 
 @pytest.mark.docker
 def test_the_engine_itself_runs_the_pinned_form_only_through_the_resolution() -> None:
-    from enclave_runtime.host.docker_rootfs import docker_client
+    from enclave_runtime.host.docker_engine import docker_client
 
     client = docker_client()
     base = "enclaveops/debian-base:bookworm"

@@ -61,6 +61,18 @@ options:
       - Seconds to wait for the enclave's answer.
     type: int
     default: 30
+  wait:
+    description:
+      - Ask again every 2 seconds while the enclave cannot be reached (it has just booted, odyn
+        does not listen yet), until O(wait_timeout). A document that does not verify fails at
+        once.
+    type: bool
+    default: false
+  wait_timeout:
+    description:
+      - Seconds to keep asking with O(wait=true).
+    type: int
+    default: 120
 extends_documentation_fragment:
   - enclaveops.nitro.nitro
   - enclaveops.nitro.attributes
@@ -143,6 +155,13 @@ check:
   returned: failure
   type: str
   sample: pcr 0
+retryable:
+  description:
+    - On failure, whether asking again may succeed (the enclave could not be reached) rather
+      than the document being wrong. Retry on this field, never on the message.
+  returned: failure
+  type: bool
+  sample: true
 """
 
 # Ansible reads the documentation above before the imports (validate-modules insists).
@@ -169,12 +188,20 @@ def run(module):
         nonce = client.parse_nonce(params["nonce"]) if params["nonce"] else None
         expected = client.parse_expected_pcrs(params["expected_pcrs"] or {})
         root = client.load_root(params["root_certificate"] or emulator_ca_root(module))
-        result = client.attest(
-            source, nonce=nonce, expected_pcrs=expected, root=root, timeout=params["timeout"]
-        )
+        options = dict(nonce=nonce, expected_pcrs=expected, root=root, timeout=params["timeout"])
+        if params["wait"]:
+            result = client.attest_waiting(source, params["wait_timeout"], **options)
+        else:
+            result = client.attest(source, **options)
     except errors.EnclaveOpsError as err:
-        check = getattr(err, "check", None)
-        fail_from_error(module, err, "attestation failed", changed=False, check=check)
+        fail_from_error(
+            module,
+            err,
+            "attestation failed",
+            changed=False,
+            check=getattr(err, "check", None),
+            retryable=getattr(err, "retryable", False),
+        )
     document = result.summary()
     document.pop("valid", None)
     module.exit_json(changed=False, verified=True, document=document, source=result.source)
@@ -190,6 +217,8 @@ def main():
             expected_pcrs=dict(type="dict"),
             root_certificate=dict(type="path"),
             timeout=dict(type="int", default=30),
+            wait=dict(type="bool", default=False),
+            wait_timeout=dict(type="int", default=120),
         ),
         mutually_exclusive=[("url", "enclave_cid"), ("url", "port")],
         required_one_of=[("url", "enclave_cid")],

@@ -1,7 +1,7 @@
 #!/usr/bin/python
 # Copyright: EnclaveOps contributors
 # Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
-"""Ansible module enclaveops.nitro.eif: thin over enclave_runtime.host.build_pipeline."""
+"""Ansible module enclaveops.nitro.eif: thin over enclave_runtime.build.eif_file."""
 
 from __future__ import annotations
 
@@ -189,13 +189,13 @@ def built_result(build):
     )
 
 
-def predicted_result(pipeline, client, module, options):
+def predicted_result(eif_file, client, module, options):
     """Check mode: the result of the build that would run, without running it."""
     output = module.params["output"]
-    image, builder, digest = pipeline.plan_eif(
+    image, builder, digest = eif_file.plan_eif(
         client, module.params["image"], options, signing(module)
     )
-    existing, reason = pipeline.up_to_date_eif(output, digest, force=options.force)
+    existing, reason = eif_file.up_to_date_eif(output, digest, force=options.force)
     if existing is not None:
         return built_result(existing)
     return dict(
@@ -214,15 +214,16 @@ def predicted_result(pipeline, client, module, options):
 def run(module):
     import_docker(module)
     errors = import_runtime(module, "enclave_runtime.errors")
-    pipeline = import_runtime(module, "enclave_runtime.host.build_pipeline")
-    docker_rootfs = import_runtime(module, "enclave_runtime.host.docker_rootfs")
+    pipeline = import_runtime(module, "enclave_runtime.build.pipeline")
+    eif_file = import_runtime(module, "enclave_runtime.build.eif_file")
+    docker_engine = import_runtime(module, "enclave_runtime.host.docker_engine")
     apply_environment(module)
     options = build_options(pipeline, module)
     try:
-        client = docker_rootfs.docker_client()
+        client = docker_engine.docker_client()
         if module.check_mode:
-            module.exit_json(**predicted_result(pipeline, client, module, options))
-        build = pipeline.build_eif_file(
+            module.exit_json(**predicted_result(eif_file, client, module, options))
+        build = eif_file.build_eif_file(
             module.params["image"],
             module.params["output"],
             options,

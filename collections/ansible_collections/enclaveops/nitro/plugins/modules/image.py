@@ -1,7 +1,7 @@
 #!/usr/bin/python
 # Copyright: EnclaveOps contributors
 # Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
-"""Ansible module enclaveops.nitro.image: thin over enclave_runtime.host.build_pipeline.build."""
+"""Ansible module enclaveops.nitro.image: thin over enclave_runtime.build.pipeline.build."""
 
 from __future__ import annotations
 
@@ -81,6 +81,14 @@ options:
         build it with C(--platform linux/arm64) or name an arm64 image in a registry.
     type: str
     version_added: 0.1.0
+  expected_pcrs:
+    description:
+      - PCRs the release image must have, a mapping of PCR index (C(0), C("0") or C(PCR0)) to
+        hex, or nitro-cli's C(Measurements) as a previous build returned them.
+      - The module fails, naming the PCR, when the release image it built or found has others
+        (it was rebuilt from other inputs in between); the release image and O(eif_output) are
+        kept as they are. Not checked in check mode when a build would run.
+    type: dict
 extends_documentation_fragment:
   - enclaveops.nitro.nitro
   - enclaveops.nitro.attributes
@@ -298,18 +306,36 @@ def predicted_result(pipeline, client, module, options):
     )
 
 
+def check_expected_pcrs(module, attestation_client, pcr, build):
+    """Fail when the release image has other PCRs than ``expected_pcrs``."""
+    expected = module.params["expected_pcrs"]
+    if not expected or build.measurements is None:
+        return
+    wanted = attestation_client.parse_expected_pcrs(expected)
+    for index, want, have in pcr.pcr_differences(wanted, build.measurements.as_pcrs()):
+        module.fail_json(
+            msg=f"the release image {build.image} has PCR{index} "
+            f"{have.hex() if have is not None else '(none)'}, expected {want.hex()}: it was "
+            "built from other inputs than the expected PCRs come from",
+            **built_result(build, module.params["eif_output"]),
+        )
+
+
 def run(module):
     import_docker(module)
     errors = import_runtime(module, "enclave_runtime.errors")
-    pipeline = import_runtime(module, "enclave_runtime.host.build_pipeline")
-    docker_rootfs = import_runtime(module, "enclave_runtime.host.docker_rootfs")
+    pipeline = import_runtime(module, "enclave_runtime.build.pipeline")
+    docker_engine = import_runtime(module, "enclave_runtime.host.docker_engine")
+    attestation_client = import_runtime(module, "enclave_runtime.host.attestation_client")
+    pcr = import_runtime(module, "enclave_runtime.formats.pcr")
     apply_environment(module)
     options = build_options(pipeline, module)
     try:
-        client = docker_rootfs.docker_client()
+        client = docker_engine.docker_client()
         if module.check_mode:
             module.exit_json(**predicted_result(pipeline, client, module, options))
         build = pipeline.build(module.params["manifest"], options, client=client)
+        check_expected_pcrs(module, attestation_client, pcr, build)
     except errors.EnclaveOpsError as err:
         fail_from_error(
             module, err, f"cannot build the release image of {module.params['manifest']}"
@@ -327,6 +353,7 @@ def main():
             force=dict(type="bool", default=False),
             eif_output=dict(type="path"),
             target_architecture=dict(type="str"),
+            expected_pcrs=dict(type="dict"),
         ),
         supports_check_mode=True,
     )

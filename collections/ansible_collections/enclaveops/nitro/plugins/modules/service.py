@@ -56,8 +56,8 @@ options:
   control_port:
     description:
       - The vsock port of the init's control server (the manifest's C(control.vsock_port)).
+      - Unset, the runtime's init control port (9001, C(INIT_CONTROL_PORT)).
     type: int
-    default: 9001
   timeout:
     description:
       - Seconds to wait for each answer of the init; a stop waits for the service's stop grace
@@ -211,7 +211,7 @@ def main():
             enabled=dict(type="bool"),
             enclave_cid=dict(type="int"),
             enclave_name=dict(type="str"),
-            control_port=dict(type="int", default=9001),
+            control_port=dict(type="int"),
             timeout=dict(type="float", default=60),
         ),
         required_one_of=[["enclave_cid", "enclave_name"], ["state", "enabled"]],

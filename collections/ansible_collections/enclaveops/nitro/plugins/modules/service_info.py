@@ -34,8 +34,8 @@ options:
   control_port:
     description:
       - The vsock port of the init's control server (the manifest's C(control.vsock_port)).
+      - Unset, the runtime's init control port (9001, C(INIT_CONTROL_PORT)).
     type: int
-    default: 9001
   timeout:
     description:
       - Seconds to wait for the init's answer.
@@ -161,7 +161,7 @@ def main():
             name=dict(type="str"),
             enclave_cid=dict(type="int"),
             enclave_name=dict(type="str"),
-            control_port=dict(type="int", default=9001),
+            control_port=dict(type="int"),
             timeout=dict(type="float", default=60),
         ),
         required_one_of=[["enclave_cid", "enclave_name"]],

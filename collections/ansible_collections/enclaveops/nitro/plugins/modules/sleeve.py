@@ -270,11 +270,11 @@ def config_from_params(containers, params):
     )
 
 
-def release_image(containers, rootfs, client, reference, check_mode):
+def release_image(containers, engine, client, reference, check_mode):
     """The resolved release image; in check mode a missing one is a change to come (None)."""
     try:
         return containers.resolve_release_image(client, reference)
-    except rootfs.ImageNotFoundError:
+    except engine.ImageNotFoundError:
         if check_mode:
             return None
         raise
@@ -306,7 +306,7 @@ def enclave_result(info):
 def run(module):
     errors = import_runtime(module, "enclave_runtime.errors")
     containers = import_runtime(module, "enclave_runtime.host.sleeve_container")
-    rootfs = import_runtime(module, "enclave_runtime.host.docker_rootfs")
+    engine = import_runtime(module, "enclave_runtime.host.docker_engine")
     import_docker(module)
     apply_environment(module)
     params = module.params
@@ -314,12 +314,12 @@ def run(module):
     hint = f"sleeve container {name}"
     try:
         config = config_from_params(containers, params)
-        client = rootfs.docker_client()
+        client = engine.docker_client()
         container = containers.find_container(client, name)
         current = containers.container_state(container) if container is not None else None
         release = None
         if state != "absent":
-            release = release_image(containers, rootfs, client, params["image"], module.check_mode)
+            release = release_image(containers, engine, client, params["image"], module.check_mode)
         wanted_image = release.image_id if release else None
         spec = containers.container_spec(wanted_image or params["image"] or "", name, config)
         plan = containers.plan_sleeve(current, state, wanted_image, spec)

@@ -67,6 +67,28 @@ def test_a_wrong_expected_pcr_fails_naming_the_check(run_module, aux, emulator_r
     assert result["msg"].startswith("attestation failed: pcr 0")
 
 
+def test_an_unreachable_enclave_fails_marked_retryable(run_module, aux, emulator_root) -> None:
+    url = aux.serve_tcp()
+    aux.error = (503, "Internal API service unavailable")
+    result = run_module(
+        attestation.main,
+        dict(url=url, emulator_root=str(emulator_root), wait=True, wait_timeout=0),
+    )
+    assert result["failed"]
+    assert result["retryable"] is True
+    assert "answered 503 Service Unavailable" in result["msg"]
+
+
+def test_a_document_that_does_not_verify_is_not_retryable(run_module, aux, emulator_root) -> None:
+    url = aux.serve_tcp()
+    result = run_module(
+        attestation.main,
+        dict(url=url, emulator_root=str(emulator_root), expected_pcrs={"0": "00" * 48}, wait=True),
+    )
+    assert result["failed"]
+    assert result["retryable"] is False
+
+
 def test_without_emulator_root_the_aws_root_is_pinned(run_module, aux) -> None:
     result = run_module(attestation.main, dict(url=aux.serve_tcp()))
     assert result["failed"]

@@ -14,7 +14,7 @@ import pytest
 from ansible_collections.enclaveops.nitro.plugins.modules import eif
 
 docker = pytest.importorskip("docker")
-docker_rootfs = pytest.importorskip("enclave_runtime.host.docker_rootfs")
+docker_engine = pytest.importorskip("enclave_runtime.host.docker_engine")
 eif_format = pytest.importorskip("enclave_runtime.formats.eif")
 
 IMAGE = "app:1"
@@ -79,7 +79,7 @@ class FakeEngine:
 @pytest.fixture
 def engine(monkeypatch) -> FakeEngine:
     fake = FakeEngine()
-    monkeypatch.setattr(docker_rootfs, "docker_client", lambda: fake)
+    monkeypatch.setattr(docker_engine, "docker_client", lambda: fake)
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
     monkeypatch.delenv("NITRO_CLI_BLOBS", raising=False)
     return fake

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from ansible_collections.enclaveops.nitro.plugins.modules import image
 
-pipeline = pytest.importorskip("enclave_runtime.host.build_pipeline")
-docker_rootfs = pytest.importorskip("enclave_runtime.host.docker_rootfs")
+pipeline = pytest.importorskip("enclave_runtime.build.pipeline")
+docker_engine = pytest.importorskip("enclave_runtime.host.docker_engine")
 pcr = pytest.importorskip("enclave_runtime.formats.pcr")
-image_layers = pytest.importorskip("enclave_runtime.host.image_layers")
+image_layers = pytest.importorskip("enclave_runtime.build.image_layers")
 
 TARGET = "hello-release:latest"
 MEASUREMENTS = pcr.Measurements(bytes(48), b"\x01" * 48, b"\x02" * 48)
@@ -90,7 +90,7 @@ def fake(monkeypatch):
         stand_in = Pipeline(up_to_date)
         for name in ("plan_build", "existing_release", "build"):
             monkeypatch.setattr(pipeline, name, getattr(stand_in, name))
-        monkeypatch.setattr(docker_rootfs, "docker_client", object)
+        monkeypatch.setattr(docker_engine, "docker_client", object)
         return stand_in
 
     return install
@@ -246,3 +246,37 @@ def test_the_parents_architecture_reaches_the_pipeline(run_module, fake) -> None
 
     ((_call, options),) = stand_in.calls
     assert options.target_architecture == "aarch64"
+
+
+def test_expected_pcrs_that_match_pass(run_module, fake) -> None:
+    fake(up_to_date=True)
+
+    built = run_module(
+        image.main, {"manifest": "enclaver.yaml", "expected_pcrs": MEASUREMENTS.to_nitro_cli()}
+    )
+
+    assert not built["failed"], built
+    assert built["measurements"] == MEASUREMENTS.to_nitro_cli()
+
+
+def test_other_pcrs_than_expected_fail_naming_the_pcr(run_module, fake) -> None:
+    fake(up_to_date=True)
+    expected = {"PCR0": "00" * 48, "PCR2": "ff" * 48}
+
+    failed = run_module(image.main, {"manifest": "enclaver.yaml", "expected_pcrs": expected})
+
+    assert failed["failed"]
+    assert failed["msg"] == (
+        f"the release image {TARGET}@sha256:rel has PCR2 {'02' * 48}, expected {'ff' * 48}: it "
+        "was built from other inputs than the expected PCRs come from"
+    )
+    assert failed["measurements"] == MEASUREMENTS.to_nitro_cli()
+
+
+def test_expected_pcrs_that_are_not_pcrs_fail_with_the_key(run_module, fake) -> None:
+    fake(up_to_date=True)
+
+    failed = run_module(image.main, {"manifest": "enclaver.yaml", "expected_pcrs": {"0": "abc"}})
+
+    assert failed["failed"]
+    assert "expected PCR 0 is not 96 hex digits" in failed["msg"]

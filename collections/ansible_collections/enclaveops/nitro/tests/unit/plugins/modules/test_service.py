@@ -29,7 +29,7 @@ pytest.importorskip("enclave_runtime")
 from enclave_runtime.formats.manifest import Services
 from enclave_runtime.init.control_server import ControlServer
 from enclave_runtime.init.manager import ServiceManager
-from enclave_runtime.odyn.launcher import ChildReaper
+from enclave_runtime.process.launcher import ChildReaper
 
 ENCLAVE_CID = 16
 SLEEPER = 'ExecStart = "sleep 60"\n'

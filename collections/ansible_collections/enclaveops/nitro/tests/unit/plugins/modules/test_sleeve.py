@@ -19,7 +19,7 @@ from ansible_collections.enclaveops.nitro.plugins.modules import sleeve
 from ansible_collections.enclaveops.nitro.tests.unit.plugins.modules import fake_nitro_cli
 
 docker = pytest.importorskip("docker")
-docker_rootfs = pytest.importorskip("enclave_runtime.host.docker_rootfs")
+docker_engine = pytest.importorskip("enclave_runtime.host.docker_engine")
 
 RELEASE = "hello-release:latest"
 RELEASE_ID = "sha256:" + "a" * 64
@@ -135,7 +135,7 @@ def engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeDocker:
     root = tmp_path / "emu"
     root.mkdir()
     fake = FakeDocker(root)
-    monkeypatch.setattr(docker_rootfs, "docker_client", lambda: fake)
+    monkeypatch.setattr(docker_engine, "docker_client", lambda: fake)
     return fake
 
 

@@ -38,18 +38,17 @@ import stat
 import tarfile
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from types import ModuleType
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from enclave_runtime.errors import EnclaveOpsError, FormatError
 from enclave_runtime.formats.cpio import CpioWriter
+from enclave_runtime.host.docker_engine import DockerError, docker_module
 
 if TYPE_CHECKING:
     from docker import DockerClient
     from docker.models.containers import Container
     from docker.models.images import Image
 
-DOCKER_SDK_HINT = "pip install docker (or pip install 'enclave-runtime[host]')"
 # The entrypoint of the container created only to be exported; it never starts.
 EXPORT_ONLY_ENTRYPOINT = "/enclaveops-export-only"
 EXPORT_LABEL = "org.enclaveops.purpose"
@@ -59,6 +58,7 @@ NORMALISED_MTIME = 0
 # How much of the end of a tar stream is kept to check its end-of-archive blocks.
 _TAIL_KEPT = 1 << 20
 MAX_FIELD = 0xFFFFFFFF
+
 
 ARCHITECTURES = {"amd64": "x86_64", "arm64": "aarch64"}
 
@@ -93,22 +93,6 @@ MTAB = b"etc/mtab"
 MTAB_TARGET = b"/proc/mounts"
 
 
-class DockerError(EnclaveOpsError):
-    """A Docker image that cannot be obtained, exported or used (engine, image, container)."""
-
-
-class DockerUnavailableError(DockerError):
-    """The Docker SDK is not installed or the engine does not answer."""
-
-
-class ImageNotFoundError(DockerError):
-    """The image is not present locally and pulling was not asked for."""
-
-
-class ImagePullError(DockerError):
-    """Pulling the image failed."""
-
-
 class ImageConfigError(DockerError):
     """The image's configuration cannot become an enclave's ``cmd``, ``env`` or architecture."""
 
@@ -119,69 +103,6 @@ class RootfsError(FormatError):
 
 class SpoolError(EnclaveOpsError):
     """The image's files could not be staged in the temporary spool (e.g. the disk is full)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Docker engine
-
-
-def docker_module() -> ModuleType:
-    """The ``docker`` SDK, imported on first use so the package works without it."""
-    try:
-        return importlib.import_module("docker")
-    except ImportError as err:
-        raise DockerUnavailableError(
-            f"the Docker SDK for Python is not installed ({err}); {DOCKER_SDK_HINT}"
-        ) from None
-
-
-def docker_client() -> DockerClient:
-    """A client for the engine ``DOCKER_HOST`` names (default the local socket), checked alive."""
-    docker = docker_module()
-    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
-    try:
-        client = docker.from_env()
-        client.ping()
-    except (docker.errors.DockerException, OSError) as err:
-        raise DockerUnavailableError(
-            f"cannot reach the Docker engine at {where}: {err}; start it (systemctl start "
-            "docker, or scripts/ensure-docker.sh as root), or point DOCKER_HOST at a running one"
-        ) from None
-    return client
-
-
-def get_image(client: DockerClient, reference: str, *, pull: bool = False) -> Image:
-    """The local image ``reference`` names; with ``pull``, pulled first even when present, so a
-    tag that moved in its registry is refreshed (``docker build --pull``)."""
-    if pull:
-        return pull_image(client, reference)
-    docker = docker_module()
-    try:
-        return client.images.get(reference)
-    except docker.errors.ImageNotFound:
-        raise ImageNotFoundError(
-            f"the Docker image {reference!r} is not present locally; build or load it, "
-            f"or pull it first (docker pull {reference}, or ask for pulling)"
-        ) from None
-    except (docker.errors.DockerException, OSError) as err:
-        raise DockerError(f"cannot look up the Docker image {reference!r}: {err}") from None
-
-
-def pull_image(client: DockerClient, reference: str) -> Image:
-    """Pull ``reference`` (``latest`` when it names no tag or digest) and return the image."""
-    docker = docker_module()
-    repository, tag = docker.utils.parse_repository_tag(reference)
-    try:
-        # The engine reports most pull failures inside the progress stream, not as HTTP errors.
-        for event in client.api.pull(repository, tag=tag or "latest", stream=True, decode=True):
-            if "error" in event:
-                raise ImagePullError(f"pulling {reference!r} failed: {event['error']}")
-        return client.images.get(reference)
-    except (docker.errors.DockerException, OSError) as err:
-        raise ImagePullError(
-            f"pulling {reference!r} failed: {err}; check the name, the registry's reachability "
-            "and your credentials (docker login)"
-        ) from None
 
 
 # --------------------------------------------------------------------------------------------

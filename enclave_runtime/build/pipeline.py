@@ -34,27 +34,16 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Callable
 
 import enclave_runtime
-from enclave_runtime.emulator.state import minimum_memory_mib
-from enclave_runtime.errors import EnclaveOpsError
-from enclave_runtime.formats.eif import SectionType, read_eif
-from enclave_runtime.formats.manifest import Manifest, load_manifest
-from enclave_runtime.formats.pcr import Measurements
-from enclave_runtime.host.docker_rootfs import (
+from enclave_runtime.build.docker_rootfs import (
     ARCHITECTURES,
-    DockerError,
     ImageConfig,
     ImageConfigError,
-    ImageNotFoundError,
-    ImagePullError,
     SpoolError,
-    docker_client,
-    docker_module,
     export_rootfs,
-    get_image,
     image_config,
 )
-from enclave_runtime.host.eif_builder import AWS_BLOBS, ENV_BLOBS, build_eif_from_image, find_blobs
-from enclave_runtime.host.image_layers import (
+from enclave_runtime.build.eif_builder import AWS_BLOBS, ENV_BLOBS, build_eif_from_image, find_blobs
+from enclave_runtime.build.image_layers import (
     AppendedImage,
     LayerBuilder,
     LayerError,
@@ -64,14 +53,26 @@ from enclave_runtime.host.image_layers import (
     disk_error,
     require_classic_image_store,
 )
-from enclave_runtime.host.nitro_cli import NitroCli
-from enclave_runtime.host.project_images import (
+from enclave_runtime.build.project_images import (
     RUNTIME_PREFIX,
     runtime_command,
     runtime_image_tag,
     sleeve_emulator_image_tag,
     sleeve_nitro_image_tag,
 )
+from enclave_runtime.errors import EnclaveOpsError
+from enclave_runtime.formats.manifest import Manifest, load_manifest
+from enclave_runtime.formats.nitro_cli_rules import minimum_memory_mib
+from enclave_runtime.formats.pcr import Measurements
+from enclave_runtime.host.docker_engine import (
+    DockerError,
+    ImageNotFoundError,
+    ImagePullError,
+    docker_client,
+    docker_module,
+    get_image,
+)
+from enclave_runtime.host.nitro_cli import NitroCli
 
 if TYPE_CHECKING:
     from docker import DockerClient
@@ -199,26 +200,6 @@ class BuildResult:
         return document
 
 
-@dataclasses.dataclass(frozen=True)
-class SectionDigest:
-    """One EIF section as ``--explain`` shows it: what it is, its size and digest, its PCRs."""
-
-    index: int
-    kind: str
-    size: int
-    sha384: str
-    pcrs: tuple[int, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "Index": self.index,
-            "Type": self.kind,
-            "Size": self.size,
-            "SHA384": self.sha384,
-            "PCRs": list(self.pcrs),
-        }
-
-
 # --------------------------------------------------------------------------------------------
 # The pipeline
 
@@ -264,7 +245,7 @@ def plan_build(
     digest = None
     if len(images) == len(references):
         check_architectures(sources)
-        digest = _digest(build_inputs(sources, manifest_bytes, builder, options, signing))
+        digest = inputs_digest(build_inputs(sources, manifest_bytes, builder, options, signing))
     would_pull = tuple(
         reference
         for reference in references.values()
@@ -631,7 +612,8 @@ def blobs_digests(builder: str, options: BuildOptions, architecture: str) -> dic
     return {path.name: file_sha256(path) for path in files}
 
 
-def _digest(inputs: Mapping[str, Any]) -> str:
+def inputs_digest(inputs: Mapping[str, Any]) -> str:
+    """The digest of build inputs: SHA-256 of their canonical JSON."""
     return "sha256:" + hashlib.sha256(canonical_json(inputs)).hexdigest()
 
 
@@ -727,7 +709,7 @@ def amend_inputs_digest(images: Mapping[str, tuple[str, Image]], manifest_bytes:
         "enclaveops": enclave_runtime.__version__,
         "source_date_epoch": os.environ.get("SOURCE_DATE_EPOCH"),
     }
-    return _digest(inputs)
+    return inputs_digest(inputs)
 
 
 def amend(
@@ -845,164 +827,6 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def explain(eif: str | os.PathLike[str]) -> list[SectionDigest]:
-    """Each section of the EIF with its size, SHA-384 and the PCRs that measure it."""
-    image = read_eif(eif)
-    first_ramdisk = image.ramdisk_sections()[0].index if image.ramdisk_sections() else -1
-    digests = []
-    for section in image.sections:
-        hasher = hashlib.sha384()
-        with image.open_section(section) as data:
-            for chunk in iter(lambda: data.read(_HASH_CHUNK), b""):
-                hasher.update(chunk)
-        digests.append(
-            SectionDigest(
-                section.index,
-                section.section_type.label,
-                section.size,
-                hasher.hexdigest(),
-                _pcrs_of(section.section_type, section.index == first_ramdisk),
-            )
-        )
-    return digests
-
-
-def _pcrs_of(kind: SectionType, first_ramdisk: bool) -> tuple[int, ...]:
-    if kind in (SectionType.KERNEL, SectionType.CMDLINE) or first_ramdisk:
-        return (0, 1)
-    if kind is SectionType.RAMDISK:
-        return (0, 2)
-    if kind is SectionType.SIGNATURE:
-        return (8,)  # PCR8 measures the certificate inside it, not the section
-    return ()
-
-
-# --------------------------------------------------------------------------------------------
-# A standalone EIF (the Ansible eif module)
-
-
-@dataclasses.dataclass(frozen=True)
-class EifBuild:
-    """An EIF built from a local image, or found up to date (``skipped``)."""
-
-    path: Path
-    image_id: str
-    measurements: Measurements
-    sha256: str
-    size: int
-    builder: str
-    inputs_digest: str
-    skipped: bool
-    reason: str
-
-    def record(self) -> dict[str, Any]:
-        """What :func:`eif_record_path` keeps beside the EIF."""
-        return {
-            "ImageID": self.image_id,
-            "Measurements": self.measurements.to_nitro_cli(),
-            "SHA256": self.sha256,
-            "Size": self.size,
-            "Builder": self.builder,
-            "InputsDigest": self.inputs_digest,
-        }
-
-
-def eif_record_path(eif: Path) -> Path:
-    """``app.eif`` → ``app.eif.build.json``: the inputs digest and measurements of its build."""
-    return eif.with_name(eif.name + ".build.json")
-
-
-def plan_eif(
-    client: DockerClient, reference: str, options: BuildOptions, signing: tuple[Path, Path] | None
-) -> tuple[Image, str, str]:
-    """The local image, the builder and the inputs digest of an EIF of ``reference``."""
-    if signing is not None:
-        signing = require_signing_files(signing)
-    image = get_image(client, reference, pull=options.pull)
-    builder = choose_builder(options.builder, options.nitro_cli)
-    architecture = str(image.attrs.get("Architecture", ""))
-    inputs: dict[str, Any] = {
-        "image": str(image.id),
-        "enclaveops": enclave_runtime.__version__,
-        "builder": builder,
-        "blobs": blobs_digests(builder, options, architecture),
-        "signing_certificate": file_sha256(signing[0]) if signing else None,
-        "source_date_epoch": os.environ.get("SOURCE_DATE_EPOCH"),
-    }
-    if builder == "nitro-cli":
-        inputs["nitro_cli"] = nitro_cli_version(options.nitro_cli)
-    return image, builder, _digest(inputs)
-
-
-def up_to_date_eif(
-    output: str | os.PathLike[str], digest: str, *, force: bool = False
-) -> tuple[EifBuild | None, str]:
-    """The recorded build of ``output`` when its inputs digest is ``digest`` and the file is the
-    one recorded (same SHA-256); else None and why a build is needed."""
-    eif = Path(output)
-    if force:
-        return None, "forced (force)"
-    record_path = eif_record_path(eif)
-    if not eif.is_file():
-        return None, f"{eif} does not exist"
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-        recorded = EifBuild(
-            path=eif,
-            image_id=str(record["ImageID"]),
-            measurements=Measurements.from_nitro_cli(record["Measurements"]),
-            sha256=str(record["SHA256"]),
-            size=int(record["Size"]),
-            builder=str(record["Builder"]),
-            inputs_digest=str(record["InputsDigest"]),
-            skipped=True,
-            reason=f"inputs unchanged: {eif} was built from them",
-        )
-    except (OSError, ValueError, KeyError, TypeError, EnclaveOpsError):
-        return None, f"{record_path} is missing or unreadable"
-    if recorded.inputs_digest != digest:
-        return None, "inputs changed since the last build"
-    if file_sha256(eif) != recorded.sha256:
-        return None, f"{eif} changed since it was built"
-    return recorded, recorded.reason
-
-
-def build_eif_file(
-    reference: str,
-    output: str | os.PathLike[str],
-    options: BuildOptions = BuildOptions(),
-    *,
-    signing: tuple[Path, Path] | None = None,
-    client: DockerClient | None = None,
-) -> EifBuild:
-    """Build the EIF of the local image ``reference`` at ``output``, unless the EIF there was
-    built from the same inputs; the build is recorded in :func:`eif_record_path`."""
-    eif = Path(output)
-    client = docker_client() if client is None else client
-    image, builder, digest = plan_eif(client, reference, options, signing)
-    existing, reason = up_to_date_eif(eif, digest, force=options.force)
-    if existing is not None:
-        return existing
-    with replaced_on_success(eif) as partial:
-        measurements = build_enclave_image(
-            client, builder, reference=reference, eif=partial, options=options, signing=signing
-        )
-        sha256, size = file_sha256(partial), partial.stat().st_size
-    built = EifBuild(
-        path=eif,
-        image_id=str(image.id),
-        measurements=measurements,
-        sha256=sha256,
-        size=size,
-        builder=builder,
-        inputs_digest=digest,
-        skipped=False,
-        reason=reason,
-    )
-    _write_record(eif_record_path(eif), built.record())
-    return built
-
-
 @contextlib.contextmanager
 def replaced_on_success(destination: Path) -> Iterator[Path]:
     """A path beside ``destination`` to write to, renamed over it when the block succeeds and
@@ -1024,16 +848,6 @@ def _size_or_zero(path: Path) -> int:
         return path.stat().st_size
     except OSError:
         return 0
-
-
-def _write_record(path: Path, record: Mapping[str, Any]) -> None:
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(partial, path)
-    except OSError as err:
-        partial.unlink(missing_ok=True)
-        raise disk_error(err, path.parent, 4096) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -248,7 +248,7 @@ def start_app(spec: LaunchSpec, reaper: ChildReaper) -> App:
     """Start the application in a new session; raises :class:`LaunchError` if it cannot start."""
     if not spec.argv:
         raise LaunchError("no command to run: give the application's command after --")
-    switch = _switch_arguments(spec.credentials)
+    switch = switch_arguments(spec.credentials)
     try:
         process = subprocess.Popen(
             list(spec.argv),
@@ -265,11 +265,11 @@ def start_app(spec: LaunchSpec, reaper: ChildReaper) -> App:
     return App(process, reaper.watch(process.pid))
 
 
-def _switch_arguments(credentials: Credentials | None) -> dict[str, object]:
-    """Popen's user switch, or nothing when the application runs as odyn does."""
+def switch_arguments(credentials: Credentials | None) -> dict[str, object]:
+    """Popen's user switch, or nothing when the process runs as odyn does (application, service)."""
     if credentials is None or (credentials.uid, credentials.gid) == (os.getuid(), os.getgid()):
         return {}
-    # extra_groups always: without it the application would keep odyn's (root's) groups.
+    # extra_groups always: without it the process would keep odyn's (root's) groups.
     return {
         "user": credentials.uid,
         "group": credentials.gid,
@@ -280,7 +280,7 @@ def _switch_arguments(credentials: Credentials | None) -> dict[str, object]:
 def _launch_failure(spec: LaunchSpec, err: OSError) -> str:
     program = spec.argv[0]
     reason = err.strerror or str(err)
-    if err.errno == errno.EPERM and _switch_arguments(spec.credentials):
+    if err.errno == errno.EPERM and switch_arguments(spec.credentials):
         assert spec.credentials is not None
         return (
             f"cannot start the application as uid {spec.credentials.uid} gid "

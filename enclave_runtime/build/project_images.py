@@ -4,16 +4,13 @@ One place for what others build on (docs/images.md explains each):
 
 - the tags: ``runtime_image_tag()``, ``sleeve_emulator_image_tag()``, ``sleeve_nitro_image_tag()``
   and the runtime's fixed paths (``RUNTIME_PREFIX``, ``runtime_command(name)``);
-- how a sleeve container must run on the emulator: ``EMULATOR_CONTAINER_SETTINGS`` and, for a
-  given emulator root, ``emulator_container_settings()`` (docker SDK keyword arguments) or
-  ``emulator_docker_run_args()`` (the same for the ``docker run`` command line);
 - ``ensure_project_images()``: runs scripts/build-images.sh, which rebuilds an image only when
   the digest of its inputs (``inputs_digest``, stored in the ``INPUTS_LABEL`` label) changed;
 - ``provide_image()``: the same tag from a registry instead (a parent that cannot build);
 - ``runtime_wheel()``: the enclave-runtime wheel of a checkout, named by version and the digest of
   its sources, so a deployment ships the code it was given and rebuilds only when it changed.
 
-``python -m enclave_runtime.host.project_images`` is the script's helper (it prepares the
+``python -m enclave_runtime.build.project_images`` is the script's helper (it prepares the
 runtime's build context, computes input digests and prints tags) and the nitro_host role's
 (``runtime-wheel``, ``provide``).
 """
@@ -29,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -37,9 +34,10 @@ from typing import Any
 
 import enclave_runtime
 from enclave_runtime.errors import EnclaveOpsError
+from enclave_runtime.host.docker_engine import DockerError, docker_client, docker_module, pull_image
 
 RUNTIME_PREFIX = "/opt/enclave-runtime"
-# host/runtime_bundle.RUNTIME_DISTRIBUTION; that module needs `packaging` (a host extra), and this
+# build/runtime_bundle.RUNTIME_DISTRIBUTION; that module needs `packaging` (a host extra), and this
 # one is imported by commands the runtime itself ships (enclaveops run), so it is imported lazily.
 RUNTIME_DISTRIBUTION = "enclave-runtime"
 RUNTIME_REPOSITORY = "enclaveops/runtime"
@@ -61,26 +59,6 @@ WHEEL_INPUTS = ("pyproject.toml", "README.md", "enclave_runtime")
 DIGEST_IGNORED = ("__pycache__",)
 WHEEL_TIMEOUT = 600.0
 _VERSION_LINE = re.compile(r"""^__version__ = ["']([^"']+)["']""", re.M)
-
-# How a sleeve-emulator container runs (verified in tests/e2e/test_runtime_image.py):
-# SYS_ADMIN for the sandbox's namespaces and mounts (unshare, overlayfs, proc, bind mounts),
-# NET_ADMIN to bring up lo in the enclave's network namespace; AppArmor's docker-default profile
-# forbids mount(2) (a no-op where AppArmor is off); Docker's default seccomp profile allows these
-# calls once SYS_ADMIN is granted. The host PID namespace, because the emulator's records hold
-# PIDs that host tools (nitro-emu describe-enclaves, terminate-enclave) check and signal.
-EMULATOR_CONTAINER_SETTINGS: Mapping[str, Any] = {
-    "cap_add": ("SYS_ADMIN", "NET_ADMIN"),
-    "security_opt": ("apparmor=unconfined",),
-    "pid_mode": "host",
-    "user": "root",
-    # The emulator root is bind-mounted at the SAME path: records, EIF paths and the fabric's
-    # Unix sockets are absolute paths shared by the container and host tools.
-    "volumes": {
-        "emulator_root": "the same path, read-write",
-        "allocator": "the same path, read-only (when outside the emulator root)",
-    },
-    "environment": ("NITRO_EMU_ROOT", "NITRO_EMU_ALLOCATOR"),
-}
 
 
 class ProjectImagesError(EnclaveOpsError):
@@ -111,51 +89,6 @@ def sleeve_nitro_image_tag(version: str = enclave_runtime.__version__) -> str:
 def runtime_command(name: str) -> str:
     """The absolute path of a runtime command (python3, odyn, sleeve, nitro-emu, ...)."""
     return f"{RUNTIME_PREFIX}/bin/{name}"
-
-
-def _absolute(path: str | os.PathLike[str], what: str) -> str:
-    text = os.fspath(path)
-    if not os.path.isabs(text):
-        raise ProjectImagesError(
-            f"{what} {text!r} must be an absolute path: the container mounts it at the same path"
-        )
-    return os.path.normpath(text)
-
-
-def emulator_container_settings(
-    emulator_root: str | os.PathLike[str], allocator: str | os.PathLike[str] | None = None
-) -> dict[str, Any]:
-    """docker SDK ``containers.run`` keyword arguments for a sleeve on this emulator root."""
-    root = _absolute(emulator_root, "the emulator root (NITRO_EMU_ROOT)")
-    volumes = {root: {"bind": root, "mode": "rw"}}
-    environment = {"NITRO_EMU_ROOT": root}
-    if allocator is not None:
-        allocator_path = _absolute(allocator, "the allocator file (NITRO_EMU_ALLOCATOR)")
-        if not allocator_path.startswith(root + "/"):
-            volumes[allocator_path] = {"bind": allocator_path, "mode": "ro"}
-        environment["NITRO_EMU_ALLOCATOR"] = allocator_path
-    return {
-        "cap_add": list(EMULATOR_CONTAINER_SETTINGS["cap_add"]),
-        "security_opt": list(EMULATOR_CONTAINER_SETTINGS["security_opt"]),
-        "pid_mode": EMULATOR_CONTAINER_SETTINGS["pid_mode"],
-        "user": EMULATOR_CONTAINER_SETTINGS["user"],
-        "volumes": volumes,
-        "environment": environment,
-    }
-
-
-def emulator_docker_run_args(
-    emulator_root: str | os.PathLike[str], allocator: str | os.PathLike[str] | None = None
-) -> list[str]:
-    """The same settings as ``docker run`` options (place them before the image)."""
-    settings = emulator_container_settings(emulator_root, allocator)
-    args = [f"--cap-add={cap}" for cap in settings["cap_add"]]
-    args += [f"--security-opt={option}" for option in settings["security_opt"]]
-    args += [f"--pid={settings['pid_mode']}", f"--user={settings['user']}"]
-    for source, bind in settings["volumes"].items():
-        args.append(f"--volume={source}:{bind['bind']}:{bind['mode']}")
-    args += [f"--env={name}={value}" for name, value in settings["environment"].items()]
-    return args
 
 
 def _digest_tree(digest: Any, path: Path) -> None:
@@ -204,7 +137,7 @@ def runtime_entry_points() -> list[str]:
 
 def prepare_runtime_context(context: Path) -> None:
     """Fill ``context`` with what images/runtime/Dockerfile builds from."""
-    from enclave_runtime.host.runtime_bundle import bundle_runtime  # noqa: PLC0415 - see above
+    from enclave_runtime.build.runtime_bundle import bundle_runtime  # noqa: PLC0415 - see above
 
     context.mkdir(parents=True, exist_ok=True)
     for name in RUNTIME_CONTEXT_FILES:
@@ -276,13 +209,6 @@ def provide_image(client: Any, reference: str, tag: str) -> ProvidedImage:
     It is pulled every time (a quick no-op when current), so a tag that moved in the registry is
     followed; pin a digest (``name@sha256:...``) to stay on one image.
     """
-    # docker_rootfs needs the Docker SDK (a host extra); the image helpers above must not.
-    from enclave_runtime.host.docker_rootfs import (  # noqa: PLC0415
-        DockerError,
-        docker_module,
-        pull_image,
-    )
-
     errors = docker_module().errors
     try:
         before = client.images.get(tag).id
@@ -400,7 +326,7 @@ TAGS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m enclave_runtime.host.project_images",
+        prog="python -m enclave_runtime.build.project_images",
         description="helper of scripts/build-images.sh",
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -428,8 +354,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             built = runtime_wheel(args.source.resolve(), args.wheel_dir, not args.no_build)
             print(json.dumps({**built.__dict__, "path": str(built.path)}))
         elif args.command == "provide":
-            from enclave_runtime.host.docker_rootfs import docker_client  # noqa: PLC0415
-
             provided = provide_image(docker_client(), args.reference, TAGS[args.image]())
             print(json.dumps(provided.__dict__))
         else:

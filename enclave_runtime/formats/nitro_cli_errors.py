@@ -271,11 +271,6 @@ def invalid_argument(argument: str, value: str, reason: str | None = None) -> Ni
     return _error(3, argument, value, reason=reason)
 
 
-def process_spawn_failure(reason: str) -> NitroCliError:
-    """E05: the enclave process could not be started."""
-    return _error(5, reason=reason)
-
-
 def socket_error(reason: str) -> NitroCliError:
     """E11: what nitro-cli reports for an enclave ID that no enclave process answers to."""
     return _error(11, reason=reason)

@@ -31,8 +31,19 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
-from enclave_runtime.emulator import nitro_cli_errors
+from enclave_runtime.build.docker_rootfs import (
+    NORMALISED_MTIME,
+    FlatRootfs,
+    ImageConfig,
+    RootfsSummary,
+    cmd_file,
+    docker_info,
+    env_file,
+    export_rootfs,
+    image_config,
+)
 from enclave_runtime.errors import EnclaveOpsError
+from enclave_runtime.formats import nitro_cli_errors
 from enclave_runtime.formats.cpio import CpioWriter
 from enclave_runtime.formats.eif import build_eif
 from enclave_runtime.formats.eif_metadata import (
@@ -42,20 +53,11 @@ from enclave_runtime.formats.eif_metadata import (
     reproducible_build_time,
 )
 from enclave_runtime.formats.pcr import Measurements
-from enclave_runtime.host.docker_rootfs import (
-    NORMALISED_MTIME,
+from enclave_runtime.host.docker_engine import (
     DockerError,
-    FlatRootfs,
-    ImageConfig,
     ImageNotFoundError,
-    RootfsSummary,
-    cmd_file,
     docker_client,
-    docker_info,
-    env_file,
-    export_rootfs,
     get_image,
-    image_config,
     pull_image,
 )
 

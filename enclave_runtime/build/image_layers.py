@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable
 
 from enclave_runtime.errors import EnclaveOpsError
-from enclave_runtime.host.docker_rootfs import DockerError, docker_module
+from enclave_runtime.host.docker_engine import DockerError, docker_module
 
 if TYPE_CHECKING:
     from docker import DockerClient
