@@ -20,6 +20,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from enclave_runtime.emulator.aws_kms import KmsFault, KmsService
+from enclave_runtime.formats.emulated_aws import routes_for
 
 ROLE_NAME = "nitro-emu-parent"
 CREDENTIAL_LIFETIME = timedelta(hours=6)
@@ -237,16 +238,6 @@ class AwsEndpoints:
             server.server_close()
         for thread in self.threads:
             thread.join()
-
-
-def routes_for(
-    region: str, imds_port: int, kms_port: int
-) -> dict[tuple[str, int], tuple[str, int]]:
-    """IMDS's address and the region's KMS name, routed to the loopback servers."""
-    return {
-        ("169.254.169.254", 80): ("127.0.0.1", imds_port),
-        (f"kms.{region}.amazonaws.com", 443): ("127.0.0.1", kms_port),
-    }
 
 
 def start_aws_endpoints(

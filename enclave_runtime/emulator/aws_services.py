@@ -1,7 +1,7 @@
 """``nitro-emu aws-services``: the emulated parent's IMDS and KMS as one long-running process.
 
 It serves both on loopback and writes ``$NITRO_EMU_ROOT/aws/endpoints.json``; a sleeve running
-on the emulator reads that file (:func:`emulated_routes`) and has its egress broker connect
+on the emulator reads that file (formats/emulated_aws.py) and has its egress broker connect
 ``169.254.169.254:80`` and ``kms.<region>.amazonaws.com:443`` to them (docs/kms.md). The KMS's
 TLS certificate is ``$NITRO_EMU_ROOT/aws/ca.pem``: put it in the image and point
 ``AWS_CA_BUNDLE`` at it so odyn's KMS proxy verifies the emulated KMS as it verifies AWS.
@@ -22,16 +22,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from enclave_runtime.emulator.aws_endpoints import AwsEndpoints, routes_for, start_aws_endpoints
+from enclave_runtime.emulator.aws_endpoints import AwsEndpoints, start_aws_endpoints
 from enclave_runtime.emulator.aws_kms import KmsService
 from enclave_runtime.emulator.ca import EmulatorCA
+from enclave_runtime.formats.emulated_aws import ENDPOINTS_FILE, aws_directory
 
-ENDPOINTS_FILE = "endpoints.json"
 TLS_LIFETIME = timedelta(days=30)
-
-
-def aws_directory(root: Path) -> Path:
-    return Path(root) / "aws"
 
 
 def self_signed_certificate(
@@ -105,14 +101,3 @@ def serve_until_signalled(root: Path, region: str) -> int:
     (aws_directory(root) / ENDPOINTS_FILE).unlink(missing_ok=True)
     endpoints.close()
     return 0
-
-
-def emulated_routes(root: Path) -> dict[tuple[str, int], tuple[str, int]]:
-    """The egress broker's routes to running emulated services; empty when none run."""
-    path = aws_directory(root) / ENDPOINTS_FILE
-    if not path.is_file():
-        return {}
-    description = json.loads(path.read_text())
-    return routes_for(
-        description["region"], int(description["imds_port"]), int(description["kms_port"])
-    )

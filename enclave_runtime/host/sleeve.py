@@ -34,6 +34,7 @@ from typing import BinaryIO, Callable, TextIO
 
 from enclave_runtime.errors import EnclaveOpsError
 from enclave_runtime.formats.egress_policy import EgressPolicy
+from enclave_runtime.formats.emulated_aws import emulated_routes
 from enclave_runtime.formats.manifest import Manifest, ManifestError, load_manifest
 from enclave_runtime.formats.protocol import (
     AppStatus,
@@ -598,8 +599,6 @@ def _emulated_aws_routes() -> dict[tuple[str, int], tuple[str, int]]:
     root = os.environ.get(vsock.ENV_ROOT)
     if not root:
         return {}
-    from enclave_runtime.emulator.aws_services import emulated_routes  # noqa: PLC0415
-
     return emulated_routes(Path(root))
 
 

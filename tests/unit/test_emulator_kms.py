@@ -289,7 +289,8 @@ def test_imds_requires_a_v2_token(endpoints: Any) -> None:
 
 
 def test_aws_services_publish_the_routes_a_sleeve_uses(tmp_path: Path) -> None:
-    from enclave_runtime.emulator.aws_services import emulated_routes, start_emulated_aws
+    from enclave_runtime.emulator.aws_services import start_emulated_aws
+    from enclave_runtime.formats.emulated_aws import emulated_routes
 
     assert emulated_routes(tmp_path) == {}
     running = start_emulated_aws(tmp_path, "eu-west-1")
