@@ -34,6 +34,14 @@ BENCHMARKS: dict[str, tuple[tuple[str, ...], list[pytest.MarkDecorator]]] = {
         NEEDS_DOCKER,
     ),
     "fleet.py": ((r"deploy-enclave.yml, no change", r"^ratio: +\d+\.\d x$"), NEEDS_DOCKER),
+    "footprint.py": (
+        (
+            r"runtime in the EIF: +\d+\.\d MB",
+            r"odyn RSS idle: +\d+\.\d MiB",
+            r"^minimum enclave memory \(busybox app\): \d+ MiB$",
+        ),
+        NEEDS_DOCKER,
+    ),
     "ingress.py": (RELAY_LINES, []),
     "init.py": (
         (r"ServiceStatus request", r"^crash loop, successive restarts \(ms\): \d+, \d+$"),
