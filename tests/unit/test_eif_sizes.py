@@ -9,10 +9,14 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from enclave_runtime.cli import enclaveops
+from enclave_runtime.cli import build_cmd, enclaveops
 from enclave_runtime.formats.cpio import CpioWriter
 from enclave_runtime.formats.eif import build_eif
-from enclave_runtime.formats.eif_sizes import component_sizes, split_customer_ramdisk
+from enclave_runtime.formats.eif_sizes import (
+    ComponentSizes,
+    component_sizes,
+    split_customer_ramdisk,
+)
 
 RUNTIME_FILE = "rootfs/opt/enclave-runtime/x"  # 28 characters
 
@@ -94,3 +98,14 @@ def test_describe_sizes_adds_them_to_the_json(tmp_path: Path, capsys) -> None:
     sizes = json.loads(capsys.readouterr().out)["Sizes"]
     assert sizes == component_sizes(eif).to_json()
     assert list(sizes) == ["kernel", "bootstrap", "runtime", "app", "other", "total"]
+
+
+def test_build_explain_summarises_the_parts_and_the_memory_they_need() -> None:
+    sizes = ComponentSizes(kernel=1, bootstrap=2, runtime=3 << 20, app=(1 << 20) - 3, other=0)
+    lines = build_cmd._size_lines(sizes)
+    assert lines[0] == "  bytes each part adds to the EIF:"
+    runtime = next(line for line in lines if line.split()[0] == "runtime")
+    assert runtime.split()[1:4] == [str(3 << 20), "bytes", "3.0"]
+    assert runtime.endswith("75.0 %")
+    assert lines[-1].strip().startswith("enclave memory needed: >= 16 MiB")  # 4 MiB EIF, 4 x
+    assert build_cmd._size_lines(None) == []
