@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         _register_describe_eif,
         _register_console,
         _register_pcr,
+        _register_aws_services,
     ):
         register(subparsers, common)
     return parser
@@ -792,6 +793,23 @@ def _pcr(context: Context, args: argparse.Namespace) -> int:
         raise errors.file_operation_failure(reason=f"{args.input}: {err.strerror}") from None
     _print_json({"PCR": hasher.pcr().hex()})
     return 0
+
+
+def _register_aws_services(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    services = _subparser(
+        subparsers,
+        common,
+        "aws-services",
+        "Serve the emulated parent's IMDSv2 and KMS until SIGTERM (not a nitro-cli command)",
+        _aws_services,
+    )
+    services.add_argument("--region", default="us-east-1", help="the KMS region to emulate")
+
+
+def _aws_services(context: Context, args: argparse.Namespace) -> int:
+    from enclave_runtime.emulator.aws_services import serve_until_signalled  # noqa: PLC0415
+
+    return serve_until_signalled(context.root, args.region)
 
 
 def _read_input(path: str) -> bytes:

@@ -32,6 +32,7 @@ import jsonschema
 import yaml
 
 from enclave_runtime.errors import EnclaveOpsError, FormatError
+from enclave_runtime.formats.kms_checks import kms_egress_findings
 from enclave_runtime.formats.vsock_ports import INIT_CONTROL_PORT, PARENT_CID, RESERVED_PORT_NAMES
 
 MANIFEST_VERSION = "v1"
@@ -792,6 +793,7 @@ def _unknown_keys(path: DocPath, instance: dict[str, Any], known: list[str]) -> 
 def _semantic_findings(doc: dict[str, Any]) -> Iterator[_Finding]:
     yield from _section_dependency_findings(doc)
     yield from _spire_findings(doc)
+    yield from (_Finding(path, message) for path, message in kms_egress_findings(doc))
     yield from _port_clash_findings(doc)
     yield from _reserved_vsock_findings(doc)
     yield from _egress_rule_findings(doc)

@@ -24,7 +24,7 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -50,6 +50,9 @@ OUTSIDE_HOST = "host"
 OUTSIDE_HOST_ADDRESS = "127.0.0.1"
 
 Resolver = Callable[[str, int], Awaitable["list[str]"]]
+# (host, port) asked for -> (address, port) connected to instead: how the emulated parent serves
+# IMDS and KMS itself (docs/kms.md). Empty on a real parent.
+Routes = Mapping[tuple[str, int], tuple[str, int]]
 
 
 class EgressBrokerError(EnclaveOpsError):
@@ -95,6 +98,7 @@ class EgressBroker:
     allowlist: EgressPolicy | None
     resolver: Resolver
     timeouts: BrokerTimeouts
+    routes: Routes = field(default_factory=dict)
     connections: Connections = field(default_factory=lambda: Connections("egress broker"))
 
     async def close(self) -> None:
@@ -144,11 +148,16 @@ class EgressBroker:
         host = request.host[1:-1] if bracketed else request.host  # enclaver's odyn sends "[::1]"
         if self.allowlist is not None:
             self._check_name(host)
-        addresses = await self._addresses(host, request.port)
+        port = request.port
+        routed = self.routes.get((host.lower(), port))
+        if routed is not None:
+            addresses, port = [routed[0]], routed[1]
+        else:
+            addresses = await self._addresses(host, port)
         last_error: OSError | None = None
         for address in addresses:
             try:
-                reader, writer = await asyncio.open_connection(address, request.port)
+                reader, writer = await asyncio.open_connection(address, port)
             except OSError as err:
                 last_error = err
                 continue
@@ -210,11 +219,13 @@ async def start_egress_broker(
     allowlist: EgressPolicy | None = None,
     resolver: Resolver = resolve,
     timeouts: BrokerTimeouts = DEFAULT_BROKER_TIMEOUTS,
+    routes: Routes | None = None,
 ) -> EgressBroker:
     """Listen on vsock (ANY, ``port``) and broker connections for enclaves.
 
     ``allowlist`` restricts what the parent connects to whatever the enclave's own policy says;
-    ``resolver`` (``async (host, port) -> [address, ...]``) replaces DNS, for tests.
+    ``resolver`` (``async (host, port) -> [address, ...]``) replaces DNS, for tests;
+    ``routes`` sends chosen destinations elsewhere (the emulator's IMDS and KMS).
     """
     fabric = backend if backend is not None else vsock.backend()
     broker: EgressBroker | None = None
@@ -232,7 +243,7 @@ async def start_egress_broker(
             f"cannot listen on vsock port {port} for the egress broker: {err}; is another "
             "sleeve or enclaver-run already running on this parent?"
         ) from err
-    broker = EgressBroker(server, allowlist, resolver, timeouts)
+    broker = EgressBroker(server, allowlist, resolver, timeouts, dict(routes or {}))
     log.info("egress broker: listening on vsock port %d", port)
     return broker
 
@@ -244,6 +255,7 @@ __all__ = [
     "EgressBroker",
     "EgressBrokerError",
     "Resolver",
+    "Routes",
     "resolve",
     "start_egress_broker",
 ]

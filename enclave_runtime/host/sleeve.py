@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
@@ -316,7 +317,9 @@ class Sleeve:
         manifest = plan.manifest
         if manifest.egress is not None:
             self.broker = await start_egress_broker(
-                backend=self.fabric, allowlist=EgressPolicy.from_manifest(manifest.egress)
+                backend=self.fabric,
+                allowlist=EgressPolicy.from_manifest(manifest.egress),
+                routes=_emulated_aws_routes(),
             )
             self.say(f"egress broker listening on vsock port {EGRESS_BROKER_PORT}")
         if self.interrupted.is_set():
@@ -583,6 +586,16 @@ async def _first_of(*waits: Awaitable[object]) -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _emulated_aws_routes() -> dict[tuple[str, int], tuple[str, int]]:
+    """On the emulator, IMDS and KMS are `nitro-emu aws-services` when it runs (docs/kms.md)."""
+    root = os.environ.get(vsock.ENV_ROOT)
+    if not root:
+        return {}
+    from enclave_runtime.emulator.aws_services import emulated_routes  # noqa: PLC0415
+
+    return emulated_routes(Path(root))
 
 
 def outcome_of(status: AppStatus) -> Outcome:

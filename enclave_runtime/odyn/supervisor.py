@@ -6,7 +6,7 @@ Start order (each step only after the previous one succeeded):
 2. console: the log ring served on vsock 17001, capturing the application's stdout and stderr;
 3. ``DIR/enclaver.yaml`` loaded and checked (its ``runtime.log_buffer_size`` sizes the ring);
 4. bootstrap, unless disabled: ``lo`` up, kernel RNG seeded from the NSM;
-5. egress proxy, KMS proxy (a seam), API and aux API, ingress: only those the manifest configures,
+5. egress proxy, KMS proxy, API and aux API, ingress: only those the manifest configures,
    and each service module is imported only then;
 6. the application.
 
@@ -43,7 +43,6 @@ from enclave_runtime.formats.protocol import (
 from enclave_runtime.formats.vsock_ports import APP_LOG_PORT, STATUS_PORT
 from enclave_runtime.odyn.bootstrap import bootstrap
 from enclave_runtime.odyn.console import Console
-from enclave_runtime.odyn.kms_proxy import start_kms_proxy
 from enclave_runtime.odyn.launcher import (
     DEFAULT_GRACE_PERIOD,
     App,
@@ -163,12 +162,18 @@ class Supervisor:
     async def _start_services(self, manifest: Manifest) -> dict[str, str]:
         """Egress, KMS proxy, API, ingress; returns the proxy variables for the application."""
         proxy_env: dict[str, str] = {}
+        egress = None
         if manifest.egress is not None:
             egress = await _service("egress").start_egress_proxy(manifest.egress)
             if egress is not None:
                 self._services.append(("egress proxy", egress))
                 proxy_env = dict(egress.env())
-        start_kms_proxy(manifest)
+        if manifest.kms_proxy is not None:
+            kms = await _service("kms_proxy").start_from_manifest(
+                manifest.kms_proxy, egress, self.options.nsm_path
+            )
+            self._services.append(("KMS proxy", kms))
+            proxy_env.update(kms.env())
         if manifest.api is not None:
             api = await _service("api").start_api(
                 manifest.api, manifest.aux_api, self.options.nsm_path

@@ -536,7 +536,7 @@ def test_listening_ports_are_unique_across_every_section() -> None:
             api: {listen_port: 8000}
             aux_api: {listen_port: 7000}
             kms_proxy: {listen_port: 7000}
-            egress: {allow: [example.com], proxy_port: 8000}
+            egress: {allow: [169.254.169.254, kms.*.amazonaws.com], proxy_port: 8000}
             """
         )
     )
@@ -564,7 +564,7 @@ def test_a_defaulted_port_is_blamed_and_the_fix_named() -> None:
         manifest_with(
             """\
             ingress: [{listen_port: 10000}, {listen_port: 9001}]
-            egress: {allow: [example.com]}
+            egress: {allow: [169.254.169.254, kms.*.amazonaws.com]}
             api: {listen_port: 9100}
             aux_api: {}
             kms_proxy: {listen_port: 9101}
@@ -1071,3 +1071,53 @@ def test_summary_line_singular_and_plural() -> None:
     assert manifest_cmd.summary_line(manifest) == (
         'ok: app "hello" (v1): 1 ingress port (80), no egress, 1 service'
     )
+
+
+def test_kms_proxy_needs_egress_to_imds_and_kms() -> None:
+    errors = errors_of(
+        manifest_with(
+            """\
+            egress: {allow: [example.com]}
+            kms_proxy: {listen_port: 7000}
+            """
+        )
+    )
+
+    assert errors == [
+        "egress.allow: blocks IMDS, which kms_proxy needs for the parent's credentials "
+        "(169.254.169.254 is in no allowed network); add 169.254.169.254 to egress.allow",
+        "egress.allow: blocks every KMS endpoint, which kms_proxy forwards to; add "
+        "kms.*.amazonaws.com (or kms.<region>.amazonaws.com) to egress.allow",
+    ]
+
+
+def test_kms_proxy_endpoints_must_be_allowed_and_not_denied() -> None:
+    errors = errors_of(
+        manifest_with(
+            """\
+            egress:
+              allow: [169.254.169.254, "**.example.com"]
+              deny: [kms.blocked.example.com]
+            kms_proxy:
+              listen_port: 7000
+              endpoints: {eu-west-1: "kms.blocked.example.com:4443", us-east-1: kms.example.com}
+            """
+        )
+    )
+
+    assert errors == [
+        "kms_proxy.endpoints.eu-west-1: kms.blocked.example.com is blocked by egress "
+        "(kms.blocked.example.com matches the deny rule 'kms.blocked.example.com'); add it to "
+        "egress.allow",
+    ]
+
+
+def test_kms_proxy_with_imds_and_a_regional_endpoint_allowed_is_accepted() -> None:
+    manifest = parse_manifest(
+        manifest_with(
+            "egress: {allow: [169.254.169.254/32, kms.eu-west-1.amazonaws.com]}\n"
+            "kms_proxy: {listen_port: 7000}\n"
+        )
+    )
+
+    assert manifest.kms_proxy is not None

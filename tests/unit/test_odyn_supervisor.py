@@ -232,7 +232,9 @@ def test_sigterm_to_odyn_reaches_the_application(parent: EmulatedFabric, config_
 
 SERVICES_MANIFEST = """
 egress:
-  allow: ["example.com"]
+  allow: ["example.com", "169.254.169.254", "kms.*.amazonaws.com"]
+kms_proxy:
+  listen_port: 9200
 api:
   listen_port: 9100
 ingress:
@@ -246,6 +248,8 @@ class _Service:
         self.events = events
 
     def env(self) -> dict[str, str]:
+        if self.name == "kms_proxy":
+            return {"AWS_KMS_ENDPOINT": "http://127.0.0.1:9200"}
         return {"http_proxy": "http://127.0.0.1:10000"}
 
     async def close(self) -> None:
@@ -266,6 +270,7 @@ def _fake_services(
 
     functions = {
         "egress": "start_egress_proxy",
+        "kms_proxy": "start_from_manifest",
         "api": "start_api",
         "ingress": "start_ingress",
     }
@@ -295,18 +300,20 @@ def test_services_start_in_order_before_the_app_and_close_in_reverse(
     events: list[str] = []
     output = tmp_path / "proxy"
     _fake_services(monkeypatch, events, output)
-    argv = ["sh", "-c", f'printf %s "$http_proxy" > {output}']
+    argv = ["sh", "-c", f'printf "%s %s" "$http_proxy" "$AWS_KMS_ENDPOINT" > {output}']
     code, statuses = _run_to_end(_options(config, argv), parent)
     assert (code, statuses[-1]) == (0, StatusExited(0))
     assert events == [
         "start egress Egress app-ran=False",
+        "start kms_proxy KmsProxy app-ran=False",
         "start api Api app-ran=False",
         "start ingress tuple app-ran=False",
         "close ingress",
         "close api",
+        "close kms_proxy",
         "close egress",
     ]
-    assert output.read_text() == "http://127.0.0.1:10000"
+    assert output.read_text() == "http://127.0.0.1:10000 http://127.0.0.1:9200"
 
 
 def test_a_service_that_fails_is_fatal_and_the_started_ones_are_closed(
@@ -320,7 +327,7 @@ def test_a_service_that_fails_is_fatal_and_the_started_ones_are_closed(
     code, statuses = _run_to_end(_options(config, ["touch", str(marker)]), parent)
     assert code == 1
     assert statuses == [StatusFatal("[Errno 98] cannot listen for ingress: address in use")]
-    assert events[-2:] == ["close api", "close egress"]
+    assert events[-3:] == ["close api", "close kms_proxy", "close egress"]
     assert not marker.exists()
 
 
