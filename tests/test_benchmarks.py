@@ -43,6 +43,7 @@ BENCHMARKS: dict[str, tuple[tuple[str, ...], list[pytest.MarkDecorator]]] = {
         NEEDS_DOCKER,
     ),
     "ingress.py": (RELAY_LINES, []),
+    "kms.py": ((r"through the KMS proxy", r"^  proxy / direct: +\d+\.\d\d$"), []),
     "init.py": (
         (r"ServiceStatus request", r"^crash loop, successive restarts \(ms\): \d+, \d+$"),
         [],
