@@ -66,7 +66,10 @@ DYNLOAD_LEFT_OUT = re.compile(
 )
 # Of pycryptodome, enclave_runtime uses Keccak-256 alone (odyn/keys.py): its package, Crypto.Util
 # (which loads the raw library) and the keccak module with its library. The rest is 16 MB.
+# Of botocore, odyn's KMS proxy uses the SigV4 signer alone (odyn/kms_proxy.py): the service
+# models under botocore/data/<service>/ (29 MB) are left out, its own files and data/*.json kept.
 SITE_PACKAGES_KEPT = {
+    "botocore": re.compile(r"^botocore/(?!data/[^/]+/).*$"),
     "Crypto": re.compile(
         r"^Crypto/(__init__\.py|py\.typed|Util/.*|Hash/(__init__\.py|keccak\.py|_keccak[\w.]*\.so))$"
     ),
@@ -262,11 +265,16 @@ def _check_commands(prefix: Path, entry_points: Path) -> None:
         for line in entry_points.read_text().splitlines()
         if line.strip()
     ]
-    # Keccak-256 too: pycryptodome loads its raw library by path, not by import.
+    # Keccak-256 and a SigV4 signature too: what is kept of pycryptodome and botocore works
+    # (pycryptodome loads its raw library by path, not by import).
     probe = (
         "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
         "from enclave_runtime.odyn.keys import keccak256\n"
         "assert keccak256(b'').hex().startswith('c5d2460186f7233c'), 'Keccak-256 is wrong'\n"
+        "from enclave_runtime.odyn.kms_proxy import RoleCredentials, signed_headers\n"
+        "keys = RoleCredentials('AKIDEXAMPLE', 'secret', 'token', 0.0)\n"
+        "headers = signed_headers('kms.us-east-1.amazonaws.com', 'us-east-1', 'T', b'{}', keys)\n"
+        "assert headers['Authorization'].startswith('AWS4-HMAC-SHA256 '), headers\n"
     )
     command = [str(prefix / "bin" / "python3"), "-c", probe, *modules]
     result = subprocess.run(command, capture_output=True, text=True, check=False, env={})

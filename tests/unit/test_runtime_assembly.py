@@ -78,3 +78,10 @@ def test_the_keccak_files_are_kept_and_the_rest_of_pycryptodome_is_not() -> None
     assert not kept(Path("Crypto/Cipher/_raw_aes.abi3.so"))
     assert not kept(Path("Crypto/Hash/SHA256.py"))
     assert kept(Path("cryptography/hazmat/bindings/_rust.abi3.so"))  # other distributions whole
+
+
+def test_botocore_keeps_its_code_and_top_data_but_no_service_model() -> None:
+    kept = assemble._kept
+    assert kept(Path("botocore/auth.py"))
+    assert kept(Path("botocore/data/endpoints.json"))
+    assert not kept(Path("botocore/data/kms/2014-11-01/service-2.json.gz"))
