@@ -1,4 +1,5 @@
 # The README's commands. Each does its own set-up (scripts/setup.sh) and is cheap to repeat.
+# `make bench BENCH_ARGS=--quick` is CI's smoke run of the benchmarks (bench/README.md).
 .PHONY: setup deploy test bench lint
 
 setup:
@@ -14,4 +15,5 @@ lint: setup
 	@.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/lint-imports
 
 bench: setup
-	@for b in bench/*.py; do echo "== $$b"; .venv/bin/python "$$b" || exit 1; done
+	@scripts/bench-setup.sh
+	@for b in bench/*.py; do echo "== $$b"; .venv/bin/python "$$b" $(BENCH_ARGS) || exit 1; done

@@ -9,12 +9,11 @@ from socat (``TCP-LISTEN -> UNIX-CONNECT``, ``UNIX-LISTEN -> TCP``; with its def
 as our relays are), which need no CONNECT. The figures and goals are those of
 ``bench/ingress.py``, whose harness this reuses; new connections per second include the CONNECT
 exchange and the broker's connect, which socat does not do.
-Run: ``.venv/bin/python bench/egress.py``; it starts and stops everything it needs.
+Run: ``.venv/bin/python bench/egress.py [--quick]``; it starts and stops everything it needs.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 import tempfile
@@ -22,8 +21,12 @@ from pathlib import Path
 
 from ingress import (
     ENCLAVE_CID,
+    FULL,
+    QUICK,
+    Scale,
     Service,
     Topology,
+    arguments,
     connect_to,
     free_port,
     measure,
@@ -59,7 +62,7 @@ def run_enclave_egress(proxy_port: int) -> None:
     asyncio.run(serve())
 
 
-def main() -> int:
+def main(scale: Scale) -> int:
     services: list[Service] = []
     with tempfile.TemporaryDirectory(prefix="eb", dir="/tmp") as workdir:
         emu = {"NITRO_EMU_ROOT": workdir}
@@ -80,21 +83,18 @@ def main() -> int:
                 *socat_topologies(Path(workdir), app.port, services),
                 Topology("ours", lambda: connect_to(proxy.port, connect.encode()), [proxy, broker]),
             ]
-            figures = measure(topologies)
+            figures = measure(topologies, scale)
         finally:
             stop(services)
-    report(figures)
+    report(figures, scale)
     return 0
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--role", choices=("broker", "enclave-egress"))
-    parser.add_argument("args", nargs="*")
-    options = parser.parse_args()
+    options = arguments(("broker", "enclave-egress"))
     if options.role == "broker":
         run_broker()
     elif options.role == "enclave-egress":
         run_enclave_egress(int(options.args[0]))
     else:
-        sys.exit(main())
+        sys.exit(main(QUICK if options.quick else FULL))

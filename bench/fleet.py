@@ -5,7 +5,9 @@ when nothing has to change (every module only reads state), as a ratio to the ch
 round trip on the same inventory, `ansible nitro_parents -m ansible.builtin.ping`, measured in
 the same run. Deploys once first (not timed), tears down at the end. Needs root and Docker.
 
-    .venv/bin/python bench/fleet.py [--runs 3]
+    .venv/bin/python bench/fleet.py [--runs 3] [--quick]
+
+``--quick`` (CI's smoke run) is ``--runs 1``.
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ def converge(variables: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one timed run of each")
     args = parser.parse_args()
+    if args.quick:
+        args.runs = 1
     root = private_emulator_root()
     variables = extra_vars(root)
     try:

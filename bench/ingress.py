@@ -12,7 +12,8 @@ that a change of load on the machine hits them all alike), p50 round trip of 64-
 (added latency per hop), new connections per second (connect, one echo, close), and 1000
 concurrent connections held (errors, and the proxies' open file descriptors before and after).
 Goals: >= 0.5 of direct, >= 1.0 of socat, <= 60 us per hop. Run:
-``.venv/bin/python bench/ingress.py``; it starts and stops everything it needs.
+``.venv/bin/python bench/ingress.py [--quick]``; it starts and stops everything it needs.
+``--quick`` (CI's smoke run) sends little traffic: its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -35,11 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-BULK_BYTES = 512 * 1024 * 1024
-BULK_ROUNDS = 5
-PINGS = 3000
-NEW_CONNECTIONS = 500
-CONCURRENT = 1000
 CHUNK = 1024 * 1024
 ENCLAVE_CID = 16
 HOPS = 2
@@ -47,6 +43,22 @@ SOCAT_TUNED_BUFFER = 1024 * 1024  # our relays' largest read and fabric send buf
 MODE_SINK = b"S"
 MODE_ECHO = b"E"
 READY_TIMEOUT = 20.0
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much traffic each figure is measured on."""
+
+    bulk_bytes: int  # per bulk round, a multiple of CHUNK
+    bulk_rounds: int
+    pings: int
+    new_connections: int
+    concurrent: int
+
+
+FULL = Scale(512 * CHUNK, bulk_rounds=5, pings=3000, new_connections=500, concurrent=1000)
+# CI's smoke run (``--quick``): every code path and every line of the report, no timing worth it.
+QUICK = Scale(8 * CHUNK, bulk_rounds=1, pings=100, new_connections=20, concurrent=20)
 
 
 # --- the app: a sink (counts bytes until EOF) and an echo, one thread per connection ------------
@@ -205,59 +217,61 @@ def connect_to(port: int, preface: bytes = b"") -> socket.socket:
     return conn
 
 
-def bulk_round(open_connection: Opener, payload: bytes) -> float:
-    """Bytes per second for BULK_BYTES sent on one connection and counted by the app."""
+def bulk_round(open_connection: Opener, payload: bytes, size: int) -> float:
+    """Bytes per second for ``size`` bytes sent on one connection and counted by the app."""
     with open_connection() as conn:
         started = time.perf_counter()
         conn.sendall(MODE_SINK)
-        for _ in range(BULK_BYTES // CHUNK):
+        for _ in range(size // CHUNK):
             conn.sendall(payload)
         conn.shutdown(socket.SHUT_WR)
         counted = struct.unpack("<Q", _recv_exactly(conn, 8))[0]
         elapsed = time.perf_counter() - started
-    if counted != BULK_BYTES:
-        raise RuntimeError(f"the sink counted {counted} bytes, not {BULK_BYTES}")
-    return BULK_BYTES / elapsed
+    if counted != size:
+        raise RuntimeError(f"the sink counted {counted} bytes, not {size}")
+    return size / elapsed
 
 
-def interleaved_throughput(topologies: list[Topology]) -> dict[str, float]:
-    """Median bulk throughput of each topology over BULK_ROUNDS rounds, one round of each in
+def interleaved_throughput(topologies: list[Topology], scale: Scale) -> dict[str, float]:
+    """Median bulk throughput of each topology over the scale's rounds, one round of each in
     turn: measured the same way, at the same times."""
     payload = os.urandom(CHUNK)
     rounds: dict[str, list[float]] = {topology.name: [] for topology in topologies}
-    for _ in range(BULK_ROUNDS):
+    for _ in range(scale.bulk_rounds):
         for topology in topologies:
-            rounds[topology.name].append(bulk_round(topology.open_connection, payload))
+            rate = bulk_round(topology.open_connection, payload, scale.bulk_bytes)
+            rounds[topology.name].append(rate)
     return {name: statistics.median(values) for name, values in rounds.items()}
 
 
-def p50_round_trip(open_connection: Opener) -> float:
+def p50_round_trip(open_connection: Opener, pings: int) -> float:
     message = b"m" * 64
     samples = []
     with open_connection() as conn:
         conn.sendall(MODE_ECHO)
-        for _ in range(PINGS):
+        for _ in range(pings):
             started = time.perf_counter()
             conn.sendall(message)
             _recv_exactly(conn, len(message))
             samples.append(time.perf_counter() - started)
-    return statistics.median(samples[PINGS // 10 :])  # without the warm-up
+    return statistics.median(samples[pings // 10 :])  # without the warm-up
 
 
-def connection_rate(open_connection: Opener) -> float:
+def connection_rate(open_connection: Opener, count: int) -> float:
+    """New connections per second: connect, one echo, close, ``count`` times in a row."""
     started = time.perf_counter()
-    for _ in range(NEW_CONNECTIONS):
+    for _ in range(count):
         with open_connection() as conn:
             conn.sendall(MODE_ECHO + b"x")
             _recv_exactly(conn, 1)
-    return NEW_CONNECTIONS / (time.perf_counter() - started)
+    return count / (time.perf_counter() - started)
 
 
-def hold_concurrent(open_connection: Opener) -> int:
-    """Open CONCURRENT echo connections, check each, hold them all, close; count errors."""
+def hold_concurrent(open_connection: Opener, count: int) -> int:
+    """Open ``count`` echo connections, check each, hold them all, close; count errors."""
     errors = 0
     held = []
-    for index in range(CONCURRENT):
+    for index in range(count):
         try:
             conn = open_connection()
             message = b"%d;" % index
@@ -285,7 +299,7 @@ def settled_fds(proxies: list[Service], expected: list[int]) -> list[int]:
 @dataclass
 class Topology:
     """A way from the client to the app; ``proxies`` are ours, whose descriptors are counted.
-    ``concurrent=False`` skips holding CONCURRENT connections (socat forks two processes per
+    ``concurrent=False`` skips holding many concurrent connections (socat forks two processes per
     connection: 2000 processes prove nothing about socat)."""
 
     name: str
@@ -294,15 +308,16 @@ class Topology:
     concurrent: bool = True
 
 
-def measure(topologies: list[Topology]) -> dict[str, Figures]:
+def measure(topologies: list[Topology], scale: Scale) -> dict[str, Figures]:
     """Every figure for every topology, by name."""
     before = {t.name: [proxy.open_fds() for proxy in t.proxies] for t in topologies}  # idle
-    throughput = interleaved_throughput(topologies)
+    throughput = interleaved_throughput(topologies, scale)
     figures = {}
     for topology in topologies:
-        rtt = p50_round_trip(topology.open_connection)
-        rate = connection_rate(topology.open_connection)
-        errors = hold_concurrent(topology.open_connection) if topology.concurrent else -1
+        opener = topology.open_connection
+        rtt = p50_round_trip(opener, scale.pings)
+        rate = connection_rate(opener, scale.new_connections)
+        errors = hold_concurrent(opener, scale.concurrent) if topology.concurrent else -1
         after = settled_fds(topology.proxies, before[topology.name])
         figures[topology.name] = Figures(
             throughput[topology.name], rtt, rate, errors, before[topology.name], after
@@ -323,7 +338,7 @@ def _recv_exactly(conn: socket.socket, size: int) -> bytes:
 # --- report ----------------------------------------------------------------------------------
 
 
-def report(figures: dict[str, Figures]) -> None:
+def report(figures: dict[str, Figures], scale: Scale) -> None:
     """The table, then each goal; ``figures`` has ``direct`` and ``ours``, and the socat runs
     when socat is installed."""
     mb = 1024 * 1024
@@ -332,7 +347,7 @@ def report(figures: dict[str, Figures]) -> None:
         ("throughput (MB/s)", lambda f: f"{f.throughput / mb:.0f}"),
         ("p50 round trip (us)", lambda f: f"{f.p50_rtt * 1e6:.1f}"),
         ("new connections/s", lambda f: f"{f.connections_per_second:.0f}"),
-        (f"{CONCURRENT} held: errors", lambda f: f"{f.concurrent_errors}".replace("-1", "-")),
+        (f"{scale.concurrent} held: errors", lambda f: f"{f.concurrent_errors}".replace("-1", "-")),
     ]
     for label, show in rows:
         print("".join([f"{label:24}", *(f"{show(f):>12}" for f in figures.values())]))
@@ -352,7 +367,7 @@ def report(figures: dict[str, Figures]) -> None:
     print(f"added p50 per hop (us): {added:6.1f}  (goal <= 60; {HOPS} hops, round trip / 2)")
     leaked = [after - before for before, after in zip(ours.fds_before, ours.fds_after)]
     print(
-        f"{CONCURRENT} concurrent: {ours.concurrent_errors} errors; proxy descriptors before "
+        f"{scale.concurrent} concurrent: {ours.concurrent_errors} errors; proxy descriptors before "
         f"{ours.fds_before}, after {ours.fds_after} (leaked: {sum(leaked)})"
     )
 
@@ -396,7 +411,7 @@ def socat_topologies(workdir: Path, target_port: int, services: list[Service]) -
     return topologies
 
 
-def main() -> int:
+def main(scale: Scale) -> int:
     services: list[Service] = []
     with tempfile.TemporaryDirectory(prefix="ib", dir="/tmp") as workdir:
         emu = {"NITRO_EMU_ROOT": workdir}
@@ -416,22 +431,24 @@ def main() -> int:
                 *socat_topologies(Path(workdir), app.port, services),
                 Topology("ours", lambda: connect_to(host.port), [host, enclave]),
             ]
-            figures = measure(topologies)
+            figures = measure(topologies, scale)
         finally:
             stop(services)
-    report(figures)
+    report(figures, scale)
     return 0
 
 
-def _roles() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--role", choices=("app", "enclave-ingress", "host-ingress"))
+def arguments(roles: tuple[str, ...]) -> argparse.Namespace:
+    """``--quick`` for a run, ``--role`` (one of ``roles``) with its arguments for a process."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI's smoke run: little traffic")
+    parser.add_argument("--role", choices=roles)
     parser.add_argument("args", nargs="*")
     return parser.parse_args()
 
 
 if __name__ == "__main__":
-    options = _roles()
+    options = arguments(("app", "enclave-ingress", "host-ingress"))
     if options.role == "app":
         run_app(int(options.args[0]))
     elif options.role == "enclave-ingress":
@@ -439,4 +456,4 @@ if __name__ == "__main__":
     elif options.role == "host-ingress":
         run_host_ingress(int(options.args[0]))
     else:
-        sys.exit(main())
+        sys.exit(main(QUICK if options.quick else FULL))

@@ -9,7 +9,9 @@ the same run:
 - restart latency: SIGKILL the service (Restart=always, RestartSec 0), time until a new process
   runs; repeated kills within the stable period show the crash-loop back-off (0.1 s doubling).
 
-    .venv/bin/python bench/init.py [--requests 2000] [--restarts 5]
+    .venv/bin/python bench/init.py [--requests 2000] [--restarts 5] [--quick]
+
+``--quick`` (CI's smoke run) is ``--requests 100 --restarts 2``.
 """
 
 from __future__ import annotations
@@ -106,7 +108,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--restarts", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="100 requests, 2 restarts")
     args = parser.parse_args()
+    if args.quick:
+        args.requests, args.restarts = 100, 2
     work = Path(tempfile.mkdtemp(prefix="binit", dir="/tmp"))
     sock = work / "init.sock"
     config = work / "config"

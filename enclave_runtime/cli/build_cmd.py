@@ -17,6 +17,8 @@ from typing import Any
 
 from enclave_runtime.build.explain import SectionDigest, explain
 from enclave_runtime.build.pipeline import BUILDERS, BuildOptions, BuildResult, build
+from enclave_runtime.formats.eif_sizes import ComponentSizes, component_sizes
+from enclave_runtime.formats.nitro_cli_rules import minimum_memory_mib
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -68,7 +70,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--explain",
         action="store_true",
-        help="show what goes into each PCR: every EIF section with its size and SHA-384",
+        help=(
+            "show what goes into each PCR (every EIF section with its size and SHA-384) and the "
+            "bytes each part adds: kernel, bootstrap, runtime, app"
+        ),
     )
     parser.add_argument(
         "--json", action="store_true", help="print only the JSON: no progress or summary"
@@ -92,14 +97,18 @@ def run_build(args: argparse.Namespace) -> int:
             # --explain reads the EIF: a skipped build copies it out of the release image.
             options = dataclasses.replace(options, eif_output=Path(scratch) / "application.eif")
         result = build(args.file, options, progress=progress)
-        sections = explain(options.eif_output) if args.explain and options.eif_output else []
+        explained = args.explain and options.eif_output is not None
+        sections = explain(options.eif_output) if explained else []
+        sizes = component_sizes(options.eif_output) if explained else None
     document = result.to_json()
     if sections:
         document["Explain"] = [section.to_json() for section in sections]
+    if sizes is not None:
+        document["Sizes"] = sizes.to_json()
     json.dump(document, sys.stdout, indent=2)
     sys.stdout.write("\n")
     if not args.json:
-        _summary(result, time.monotonic() - started, sections)
+        _summary(result, time.monotonic() - started, sections, sizes)
     return 0
 
 
@@ -107,13 +116,19 @@ def _progress(message: str) -> None:
     print(f"enclaveops build: {message}", file=sys.stderr, flush=True)
 
 
-def _summary(result: BuildResult, seconds: float, sections: list[SectionDigest]) -> None:
+def _summary(
+    result: BuildResult,
+    seconds: float,
+    sections: list[SectionDigest],
+    sizes: ComponentSizes | None,
+) -> None:
     verb = "up to date" if result.skipped else f"built in {seconds:.1f} s ({result.builder})"
     lines = [f"{result.image}: {verb}; {result.reason}"]
     lines += [f"  {s.name:<6} {s.reference}  {s.image_id}" for s in result.sources]
     lines.append(f"  EIF    {result.eif_size / 1e6:.1f} MB  sha256:{result.eif_sha256}")
     lines += [f"  {key:<6} {value}" for key, value in _pcrs(result).items()]
     lines += _explain_lines(sections)
+    lines += _size_lines(sizes)
     print("\n".join(lines), file=sys.stderr)
 
 
@@ -133,4 +148,20 @@ def _explain_lines(sections: list[SectionDigest]) -> list[str]:
             f"    [{section.index}] {section.kind:<9} {section.size:>11} bytes  "
             f"sha384:{section.sha384[:16]}…  {pcrs}"
         )
+    return lines
+
+
+def _size_lines(sizes: ComponentSizes | None) -> list[str]:
+    """What each part adds to the EIF, and nitro-cli's memory minimum for the whole."""
+    if sizes is None:
+        return []
+    mib = 1 << 20
+    lines = ["  bytes each part adds to the EIF:"]
+    for name, size in sizes.to_json().items():
+        share = f"{100 * size / sizes.total:5.1f} %" if name != "total" else ""
+        lines.append(f"    {name:<9} {size:>11} bytes {size / mib:7.1f} MiB  {share}")
+    lines.append(
+        f"    enclave memory needed: >= {minimum_memory_mib(sizes.total)} MiB "
+        "(nitro-cli: 4 x the EIF)"
+    )
     return lines

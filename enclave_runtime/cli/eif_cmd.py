@@ -30,6 +30,7 @@ from enclave_runtime.formats.eif_metadata import (
     reproducible_build_time,
 )
 from enclave_runtime.formats.eif_signature import certificate_pcr, read_signing_certificate
+from enclave_runtime.formats.eif_sizes import component_sizes
 from enclave_runtime.formats.pcr import PcrHasher
 
 # nitro-cli refuses custom metadata files above 4 KiB (MAX_META_FILE_SIZE in identity.rs).
@@ -87,6 +88,11 @@ def _register_describe(actions: argparse._SubParsersAction[argparse.ArgumentPars
         description="Measurements, CRC and signature checks and metadata of an EIF.",
     )
     _add_eif_argument(describe)
+    describe.add_argument(
+        "--sizes",
+        action="store_true",
+        help='also the bytes of each part: kernel, bootstrap, runtime, app (as "Sizes")',
+    )
     describe.set_defaults(run=run_describe)
 
 
@@ -150,7 +156,11 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_describe(args: argparse.Namespace) -> int:
-    _print_json(read_eif(_eif_path(args)).describe())
+    path = _eif_path(args)
+    document = read_eif(path).describe()
+    if args.sizes:
+        document["Sizes"] = component_sizes(path).to_json()
+    _print_json(document)
     return 0
 
 

@@ -13,8 +13,9 @@ Runs with the build stage's own Python (Debian's python3.11) and lays out, under
 - ``bin/<command>``: one script per console entry point, starting with
   ``#!<prefix>/bin/python3`` so the kernel runs it without a shell.
 
-Every ``.py`` is compiled with unchecked-hash ``.pyc`` (valid whatever the mtimes), every entry
-gets one mtime and a normalised mode, so two builds from the same inputs give the same bytes.
+Every ELF is stripped; every ``.py`` is compiled to an unchecked-hash ``.pyc`` beside it (valid
+whatever the mtimes) and removed, so the runtime holds byte code only, once. Every entry gets one
+mtime and a normalised mode, so two builds from the same inputs give the same bytes.
 """
 
 from __future__ import annotations
@@ -30,26 +31,49 @@ from pathlib import Path
 PYTHON_VERSION = "python3.11"
 SYSTEM_PYTHON = Path("/usr/bin") / PYTHON_VERSION
 SYSTEM_STDLIB = Path("/usr/lib") / PYTHON_VERSION
-# Not needed by a headless enclave runtime; tests and data also hold Python 2 sources.
+# Not needed by a headless enclave runtime (nothing in enclave_runtime imports them; the unit test
+# tests/unit/test_runtime_assembly.py keeps it so): packaging and development tools, GUIs, test
+# suites, databases. Tests and data also hold Python 2 sources.
 STDLIB_LEFT_OUT = {
     "__pycache__",
     "config-3.11-x86_64-linux-gnu",
+    "curses",
+    "dbm",
     "dist-packages",
+    "distutils",
     "ensurepip",
     "idlelib",
     "lib2to3",
     "lib-dynload",
+    "pydoc.py",
     "pydoc_data",
     "site-packages",
+    "sqlite3",
     "test",
     "tkinter",
+    "turtle.py",
     "turtledemo",
+    "unittest",
+    "venv",
+    "wsgiref",
+    "xmlrpc",
 }
-# Extension modules that would pull Kerberos, Berkeley DB, curses or readline into the closure.
+# Extension modules that would pull Kerberos, Berkeley DB, SQLite, curses or readline into the
+# closure, and test modules.
 DYNLOAD_LEFT_OUT = re.compile(
-    r"^(nis|_dbm|_gdbm|_curses|_curses_panel|readline|_tkinter|_test\w*|xxlimited\w*|_xxtest\w*|"
-    r"_ctypes_test)\."
+    r"^(nis|_dbm|_gdbm|_sqlite3|_curses|_curses_panel|readline|_tkinter|_test\w*|xxlimited\w*|"
+    r"_xxtest\w*|_ctypes_test)\."
 )
+# Of pycryptodome, enclave_runtime uses Keccak-256 alone (odyn/keys.py): its package, Crypto.Util
+# (which loads the raw library) and the keccak module with its library. The rest is 16 MB.
+# Of botocore, odyn's KMS proxy uses the SigV4 signer alone (odyn/kms_proxy.py): the service
+# models under botocore/data/<service>/ (29 MB) are left out, its own files and data/*.json kept.
+SITE_PACKAGES_KEPT = {
+    "botocore": re.compile(r"^botocore/(?!data/[^/]+/).*$"),
+    "Crypto": re.compile(
+        r"^Crypto/(__init__\.py|py\.typed|Util/.*|Hash/(__init__\.py|keccak\.py|_keccak[\w.]*\.so))$"
+    ),
+}
 LDD_RESOLVED = re.compile(r"^\s*(\S+) => (\S+) \(0x[0-9a-f]+\)$")
 LDD_MISSING = re.compile(r"^\s*(\S+) => not found$")
 ELF_MAGIC = b"\x7fELF"
@@ -81,10 +105,18 @@ def _copy_stdlib(lib: Path) -> None:
             _copy_file(module, stdlib / "lib-dynload" / module.name)
 
 
+def _kept(relative: Path) -> bool:
+    """False for a file of a distribution of which the runtime uses a part only."""
+    kept = SITE_PACKAGES_KEPT.get(relative.parts[0])
+    return kept is None or kept.match(relative.as_posix()) is not None
+
+
 def _copy_tree(source: Path, target: Path) -> None:
     for path in sorted(source.rglob("*")):
-        if path.is_file() and not path.is_symlink() and "__pycache__" not in path.parts:
-            _copy_file(path, target / path.relative_to(source))
+        relative = path.relative_to(source)
+        copied = path.is_file() and not path.is_symlink() and "__pycache__" not in path.parts
+        if copied and _kept(relative):
+            _copy_file(path, target / relative)
 
 
 def _is_elf(path: Path) -> bool:
@@ -187,21 +219,39 @@ def _write_commands(prefix: Path, entry_points: Path) -> list[str]:
     return names
 
 
+def _strip(prefix: Path) -> None:
+    """Drop symbols and debug sections of every ELF (before patchelf edits them)."""
+    for elf in _elf_files(prefix):
+        result = subprocess.run(
+            ["strip", "--strip-unneeded", str(elf)], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise AssemblyError(f"strip {elf}: {result.stderr.strip()}")
+
+
 def _compile(prefix: Path) -> None:
-    """Compile with the shipped interpreter itself: this also proves that it starts."""
+    """Compile with the shipped interpreter itself (this also proves that it starts), each
+    ``.pyc`` beside its source (``-b``: sourceless imports), then remove the sources."""
+    library = prefix / "lib" / PYTHON_VERSION
     command = [
         str(prefix / "bin" / "python3"),
+        "-B",  # compileall's own imports write no __pycache__ (mtime-based: not reproducible)
         "-m",
         "compileall",
         "-q",
         "-f",
+        "-b",
         "--invalidation-mode",
         "unchecked-hash",
-        str(prefix / "lib" / PYTHON_VERSION),
+        str(library),
     ]
     result = subprocess.run(command, capture_output=True, text=True, check=False, env={})
     if result.returncode != 0:
         raise AssemblyError(f"compileall failed:\n{result.stdout}{result.stderr}")
+    for source in sorted(library.rglob("*.py")):
+        if not source.with_suffix(".pyc").is_file():
+            raise AssemblyError(f"{source} was not compiled")
+        source.unlink()
 
 
 def _check_commands(prefix: Path, entry_points: Path) -> None:
@@ -215,7 +265,17 @@ def _check_commands(prefix: Path, entry_points: Path) -> None:
         for line in entry_points.read_text().splitlines()
         if line.strip()
     ]
-    probe = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+    # Keccak-256 and a SigV4 signature too: what is kept of pycryptodome and botocore works
+    # (pycryptodome loads its raw library by path, not by import).
+    probe = (
+        "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+        "from enclave_runtime.odyn.keys import keccak256\n"
+        "assert keccak256(b'').hex().startswith('c5d2460186f7233c'), 'Keccak-256 is wrong'\n"
+        "from enclave_runtime.odyn.kms_proxy import RoleCredentials, signed_headers\n"
+        "keys = RoleCredentials('AKIDEXAMPLE', 'secret', 'token', 0.0)\n"
+        "headers = signed_headers('kms.us-east-1.amazonaws.com', 'us-east-1', 'T', b'{}', keys)\n"
+        "assert headers['Authorization'].startswith('AWS4-HMAC-SHA256 '), headers\n"
+    )
     command = [str(prefix / "bin" / "python3"), "-c", probe, *modules]
     result = subprocess.run(command, capture_output=True, text=True, check=False, env={})
     if result.returncode != 0:
@@ -241,6 +301,7 @@ def assemble(prefix: Path, site_packages: Path, entry_points: Path, mtime: int) 
     _copy_stdlib(lib)
     _copy_tree(site_packages, lib / PYTHON_VERSION / "site-packages")
     loader_name = _copy_shared_libraries(prefix)
+    _strip(prefix)
     _relocate(prefix, loader_name)
     _write_path_file(prefix)
     commands = _write_commands(prefix, entry_points)
