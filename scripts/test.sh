@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 if [ "$(id -u)" = 0 ]; then
     scripts/ensure-docker.sh
+    scripts/ensure-packages.sh
 fi
 scripts/ansible-test-setup.sh
 # Molecule and ansible-test start the Ansible tools by name.
