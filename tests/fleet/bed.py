@@ -352,7 +352,12 @@ class Bed:
         return env
 
     def ansible(
-        self, tool: str, *args: str, inventory: Path, timeout: int = 600
+        self,
+        tool: str,
+        *args: str,
+        inventory: Path,
+        extra_env: dict[str, str] | None = None,
+        timeout: int = 600,
     ) -> subprocess.CompletedProcess[str]:
         """Runs ``tool`` (ansible, ansible-playbook, ansible-inventory) of the venv on the bed,
         from the repository root (its ansible.cfg) with ``inventory``."""
@@ -363,6 +368,7 @@ class Bed:
                 "PATH": f"{venv_bin}{os.pathsep}{env.get('PATH', '')}",
                 "ANSIBLE_CONFIG": str(REPO_ROOT / "ansible.cfg"),
                 "ANSIBLE_NOCOLOR": "1",
+                **(extra_env or {}),
             }
         )
         return subprocess.run(

@@ -1,7 +1,8 @@
 """Fixtures of the fleet tests: one bed per session (tests/fleet/README.md), taken down at the end.
 
-Fleet tests are marked ``fleet`` (select them with ``-m fleet``), ``root`` and ``docker``: the
-root conftest skips them off CI when those are missing and fails them in CI, which runs as root.
+Every test here is marked ``fleet`` (select them with ``-m fleet``); those that use the bed are
+also ``root``, ``docker`` and ``slow``: the root conftest skips them off CI when root or Docker
+is missing and fails them in CI, which runs as root.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ LOCK = Path("/tmp/enclaveops-fleet-bed.lock")
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:
-        if here in Path(item.fspath).parents:
-            for marker in ("fleet", "root", "docker", "slow"):
+        if here not in Path(item.fspath).parents:
+            continue
+        item.add_marker("fleet")
+        if "bed" in getattr(item, "fixturenames", ()):
+            for marker in ("root", "docker", "slow"):
                 item.add_marker(marker)
 
 
