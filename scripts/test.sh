@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 if [ "$(id -u)" = 0 ]; then
     scripts/ensure-docker.sh
+    scripts/ensure-packages.sh
     scripts/bench-setup.sh  # tests/test_benchmarks.py runs the socat baselines too
 fi
 scripts/ansible-test-setup.sh

@@ -134,6 +134,10 @@ def test_deploy_verify_idempotence_and_safe_replacement(deployment: Deployment) 
     heartbeat = {info.name: info for info in read_services(client)}["heartbeat"]
     assert heartbeat.state.value == "inactive"
     image, container = deployment.container_image(), deployment.container_id()
+    policy = run(
+        ["docker", "container", "inspect", "--format", "{{.HostConfig.RestartPolicy.Name}}", NAME]
+    )
+    assert policy.stdout.strip() == "unless-stopped", "the sleeve must come back after a reboot"
     # The build read the manifest's copy in the work directory on the target, and its inputs
     # digest does not depend on that path: the CLI finds the same build from the original.
     copied = deployment.work / "state" / NAME / "enclaver.yaml"
