@@ -38,6 +38,8 @@ from enclave_runtime.emulator import mounts
 from enclave_runtime.linux import bring_interface_up
 from enclave_runtime.transport.vsock import ENV_CID, ENV_ROOT, EmulatedFabric
 
+# Enclave uid/gid 0..65535 are host ids ENCLAVE_ID_BASE.. (above systemd's container range).
+ENCLAVE_ID_BASE = 0x7FFF0000
 HEARTBEAT = b"\xb7"
 HEARTBEAT_PORT = 9000
 PARENT_CID = 3
