@@ -151,9 +151,9 @@ def boot_raw_init(root: Path, spec: SandboxSpec) -> None:
     prepare_dev(root / "dev", spec)
     mounts.mount("tmpfs", root / "run", "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=0755")
     mount_fabric(root, spec)
+    mounts.restrict_capabilities(RAW_INIT_CAPABILITIES)  # needs /proc: before the pivot
     mounts.pivot_into(root)
     env = enclave_environment([f"{key}={value}" for key, value in KERNEL_INIT_ENV.items()], spec)
-    mounts.restrict_capabilities(RAW_INIT_CAPABILITIES)
     os.execve(f"/{RAW_INIT}", [f"/{RAW_INIT}"], env)
 
 
