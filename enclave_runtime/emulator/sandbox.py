@@ -8,25 +8,20 @@ with private mounts and a network namespace that has only ``lo``. Like AWS's ini
    own upper directory), brings ``lo`` up and sets the hostname;
 2. sends the boot heartbeat ``0xB7`` to the parent on vsock (3, 9000) and waits for the echo;
 3. reads ``/cmd`` and ``/env`` (one entry per line), prepares ``/rootfs`` (proc, sysfs, a private
-   ``/dev`` with the usual nodes, devpts, tmpfs on /run, /tmp and /dev/shm) and makes it the root
-   (pivot_root, the old root detached: no path leads back to the host's files);
+   ``/dev`` with the usual nodes, devpts, tmpfs on /run, /tmp and /dev/shm) and chroots into it;
 4. starts ``cmd`` with exactly ``env`` (plus the fabric variables), resolving the program with
-   ``PATH=/sbin:/usr/sbin:/bin:/usr/bin`` as AWS's init does, in its own session, with a
-   bounding set of ``COMMAND_CAPABILITIES`` and no_new_privs;
+   ``PATH=/sbin:/usr/sbin:/bin:/usr/bin`` as AWS's init does, in its own session;
 5. reaps every process until ``cmd`` ends, and exits with its status (128 + signal if killed),
    which ends the namespace and with it every process of the enclave.
 
 A raw-init EIF (no ``/cmd`` but an executable ``/init`` at the top of the ramdisks, e.g. one
 whose ``/init`` runs ``odyn --init``) boots as a kernel would boot it: after step 1 the sandbox
-gives it a private ``/dev`` and a ``/run`` holding the fabric, pivots into the merged ramdisks
-themselves and execs ``/init`` as PID 1 (bounding set ``RAW_INIT_CAPABILITIES``: it mounts the
-rest and may chroot); that init sends the heartbeat.
+gives it a private ``/dev`` and a ``/run`` holding the fabric, chroots into the merged ramdisks
+themselves and execs ``/init`` as PID 1; that init mounts the rest and sends the heartbeat.
 
 Emulator additions, visible to the enclave: ``/dev/nsm`` is the emulated NSM's Unix socket, the
 vsock fabric is mounted at ``/run/nitro-emu/vsock``, and ``NITRO_EMU_ROOT``/``NITRO_EMU_CID`` are
-added to the environment so the runtime finds them. The fabric view holds only the enclave's own
-directory (writable: its listeners) and the parent's (read-only: it connects there, and can
-neither listen as the parent nor replace its sockets); other enclaves' are not there.
+added to the environment so the runtime finds them.
 """
 
 from __future__ import annotations
@@ -61,11 +56,6 @@ DEV_SYMLINKS = {
     "ptmx": "pts/ptmx",
 }
 NOSUID_NODEV_NOEXEC = mounts.MS_NOSUID | mounts.MS_NODEV | mounts.MS_NOEXEC
-# capability(7) numbers. The command keeps Docker's default set plus NET_ADMIN (its own network
-# namespace); never SYS_ADMIN, MKNOD, SYS_MODULE, SYS_RAWIO, SYS_PTRACE, DAC_READ_SEARCH, BPF...
-CAP_SYS_ADMIN = 21
-COMMAND_CAPABILITIES = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 12, 13, 18, 29, 31})
-RAW_INIT_CAPABILITIES = COMMAND_CAPABILITIES | {CAP_SYS_ADMIN}  # it mounts /proc, /sys, /tmp
 
 
 @dataclass(frozen=True)
@@ -130,17 +120,13 @@ def is_raw_init(root: Path) -> bool:
 
 
 def mount_fabric(root: Path, spec: SandboxSpec) -> None:
-    """The enclave's view of the fabric: its own directory writable, the parent's read-only."""
     fabric = root / FABRIC_MOUNT.lstrip("/") / "vsock"
-    host = Path(spec.fabric_root) / "vsock"
-    for cid, bind in ((spec.cid, mounts.bind), (PARENT_CID, mounts.bind_read_only)):
-        (host / str(cid)).mkdir(parents=True, exist_ok=True)
-        (fabric / str(cid)).mkdir(parents=True)
-        bind(host / str(cid), fabric / str(cid))
+    fabric.mkdir(parents=True)
+    mounts.bind(Path(spec.fabric_root) / "vsock", fabric)
 
 
 def boot_raw_init(root: Path, spec: SandboxSpec) -> None:
-    """Exec the image's ``/init`` as PID 1, rooted in the merged ramdisks; never returns.
+    """Exec the image's ``/init`` as PID 1, chrooted into the merged ramdisks; never returns.
 
     Only what the host must provide is prepared: a private ``/dev`` (a devtmpfs would expose the
     host's disks) with the NSM socket, and ``/run`` holding the fabric. The init finds both
@@ -151,18 +137,15 @@ def boot_raw_init(root: Path, spec: SandboxSpec) -> None:
     prepare_dev(root / "dev", spec)
     mounts.mount("tmpfs", root / "run", "tmpfs", mounts.MS_NOSUID | mounts.MS_NODEV, "mode=0755")
     mount_fabric(root, spec)
-    mounts.restrict_capabilities(RAW_INIT_CAPABILITIES)  # needs /proc: before the pivot
-    mounts.pivot_into(root)
+    os.chroot(root)
+    os.chdir("/")
     env = enclave_environment([f"{key}={value}" for key, value in KERNEL_INIT_ENV.items()], spec)
     os.execve(f"/{RAW_INIT}", [f"/{RAW_INIT}"], env)
 
 
 def prepare_dev(dev: Path, spec: SandboxSpec) -> None:
-    """A private /dev: the harmless host nodes, the NSM socket, devpts and shm; no host disks.
-
-    The tmpfs is nodev: only the nodes bound here (their own mounts) open as devices.
-    """
-    mounts.mount("tmpfs", dev, "tmpfs", NOSUID_NODEV_NOEXEC, "mode=0755")
+    """A private /dev: the harmless host nodes, the NSM socket, devpts and shm; no host disks."""
+    mounts.mount("tmpfs", dev, "tmpfs", mounts.MS_NOSUID | mounts.MS_NOEXEC, "mode=0755")
     for name in DEVICE_NODES:
         (dev / name).touch()
         mounts.bind(f"/dev/{name}", dev / name)
@@ -196,7 +179,6 @@ def start_command(cmd: list[str], env: dict[str, str]) -> int:
     if pid == 0:
         try:
             os.setsid()
-            mounts.restrict_capabilities(COMMAND_CAPABILITIES)
             if program is None:
                 raise FileNotFoundError(f"{cmd[0]}: not found in {AWS_INIT_PATH}")
             os.execve(program, cmd, env)
@@ -228,9 +210,9 @@ def run(spec: SandboxSpec) -> int:
     cmd = read_config_lines(merged / "cmd") or ["sh"]
     env = enclave_environment(read_config_lines(merged / "env"), spec)
     rootfs = merged / "rootfs"
-    mounts.mount(os.fspath(rootfs), rootfs, flags=mounts.MS_BIND)  # pivot_root needs a mount
     prepare_rootfs(rootfs, spec)
-    mounts.pivot_into(rootfs)
+    os.chroot(rootfs)
+    os.chdir("/")
     return exit_code(reap_until(start_command(cmd, env)))
 
 
