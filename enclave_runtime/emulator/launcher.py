@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from enclave_runtime.emulator.sandbox import SandboxSpec
+from enclave_runtime.emulator.sandbox import ENCLAVE_ID_BASE, SandboxSpec
 from enclave_runtime.emulator.state import EnclaveRecord
 from enclave_runtime.formats import cpio
 from enclave_runtime.formats import nitro_cli_errors as errors
@@ -91,21 +91,23 @@ def unpack_ramdisk(root: Path, image: EifImage, index: int) -> Path:
     """Ramdisk ``index`` unpacked under ``root/cache/ramdisks/``, once per content.
 
     The key is the image's PCR0 and the ramdisk's position: PCR0 measures every ramdisk in order,
-    so it names their content without hashing the bytes again.
+    so it names their content without hashing the bytes again. The cache is the host's, so it
+    holds nothing an EIF could use there (docs/emulator.md, "Sandbox"): its directories are 0700,
+    owners are the archive's shifted into the enclaves' unprivileged id range, set-uid/set-gid
+    bits are dropped and device nodes left out (the sandbox gives each enclave its own /dev).
     """
     section = image.ramdisk_sections()[index]
     key = f"{image.measurements.pcr0.hex()}-{index}"
-    cache = root / "cache" / "ramdisks"
+    cache = private_directory(private_directory(root / "cache") / "ramdisks")
     target = cache / key
     if target.is_dir():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
     staging = cache / f".{key}.{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging.mkdir(mode=0o700)
     try:
         with image.open_section(section) as data:
-            cpio.extract(data, staging, preserve_owner=True)
+            cpio.extract(data, staging, owner_offset=ENCLAVE_ID_BASE, skip_devices=True)
         os.rename(staging, target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
@@ -115,6 +117,13 @@ def unpack_ramdisk(root: Path, image: EifImage, index: int) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def private_directory(path: Path) -> Path:
+    """``path`` as a directory only its owner (the emulator) may enter, whatever it was before."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
 
 
 @contextmanager

@@ -55,6 +55,7 @@ _FIELD_NAMES = (
 )
 _HEX_FIELDS = re.compile(rb"[0-9A-Fa-f]{104}")
 _SETID_BITS = stat.S_ISUID | stat.S_ISGID
+ID_RANGE = 65536  # the uids and gids an owner_offset extraction maps (one user-namespace range)
 
 KIND_BY_TYPE = {
     stat.S_IFREG: "file",
@@ -453,9 +454,13 @@ class _Extractor:
     be written into them without root; their final modes and mtimes are set at the end.
     """
 
-    def __init__(self, root_fd: int, preserve_owner: bool, skip_devices: bool) -> None:
+    def __init__(
+        self, root_fd: int, preserve_owner: bool, skip_devices: bool, owner_offset: int | None
+    ) -> None:
         self._root_fd = root_fd
-        self._preserve_owner = preserve_owner
+        self._preserve_owner = preserve_owner or owner_offset is not None
+        self._keep_setid = preserve_owner and owner_offset is None
+        self._owner_offset = owner_offset or 0
         self._skip_devices = skip_devices
         self._dirs: dict[tuple[bytes, ...], _Fixup] = {}
         self._linked_files: dict[tuple[int, int, int, int], _Fixup] = {}
@@ -612,7 +617,7 @@ class _Extractor:
         try:
             if self._preserve_owner:
                 try:
-                    os.fchown(fd, header.uid, header.gid)
+                    os.fchown(fd, *self._owner(header))
                 except PermissionError:
                     raise _owner_error(header) from None
             _copy_body(body, fd)
@@ -651,16 +656,27 @@ class _Extractor:
         return os.stat(leaf, dir_fd=parent_fd, follow_symlinks=False).st_ino
 
     def _final_permissions(self, header: CpioHeader) -> int:
-        if self._preserve_owner:
+        if self._keep_setid:
             return header.permissions
         # A set-id bit on a file now owned by whoever extracts would grant *their* identity.
         return header.permissions & ~_SETID_BITS
+
+    def _owner(self, header: CpioHeader) -> tuple[int, int]:
+        """The host owner of a member: the archive's, shifted by ``owner_offset`` if given."""
+        if not self._owner_offset:
+            return header.uid, header.gid
+        if max(header.uid, header.gid) >= ID_RANGE:
+            raise CpioError(
+                f"{header.describe()}: owner {header.uid}:{header.gid} is outside the "
+                f"{ID_RANGE} ids an extraction with owner_offset maps"
+            )
+        return header.uid + self._owner_offset, header.gid + self._owner_offset
 
     def _chown(self, leaf: bytes, parent_fd: int, header: CpioHeader) -> None:
         if not self._preserve_owner:
             return
         try:
-            os.chown(leaf, header.uid, header.gid, dir_fd=parent_fd, follow_symlinks=False)
+            os.chown(leaf, *self._owner(header), dir_fd=parent_fd, follow_symlinks=False)
         except PermissionError:
             raise _owner_error(header) from None
 
@@ -750,12 +766,15 @@ def extract(
     *,
     preserve_owner: bool = False,
     skip_devices: bool = False,
+    owner_offset: int | None = None,
 ) -> ExtractResult:
     """Unpack an archive below ``dest_dir`` (created if missing), refusing anything unsafe.
 
     Absolute names, ``..`` components and paths through symlinks are rejected; a member
     replaces an existing non-directory of the same name (as the kernel does). Owners are set
     only with ``preserve_owner`` (needs root); otherwise set-uid/set-gid bits are dropped.
+    ``owner_offset`` (needs root) sets each owner to the archive's plus the offset, for ids below
+    ``ID_RANGE`` (the range a user namespace maps), and drops set-uid/set-gid bits.
     Device nodes need root unless ``skip_devices``. On error the destination may hold part of
     the archive: discard it.
     """
@@ -765,7 +784,7 @@ def extract(
         root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as err:
         raise CpioError(f"cannot extract into {dest!r}: {err.strerror or err}") from err
-    extractor = _Extractor(root_fd, preserve_owner, skip_devices)
+    extractor = _Extractor(root_fd, preserve_owner, skip_devices, owner_offset)
     count = 0
     try:
         for header, body in iter_entries(archive_fileobj):
