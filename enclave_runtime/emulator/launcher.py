@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from enclave_runtime.emulator.sandbox import ENCLAVE_ID_BASE, SandboxSpec
+from enclave_runtime.emulator.sandbox import SandboxSpec
 from enclave_runtime.emulator.state import EnclaveRecord
 from enclave_runtime.formats import cpio
 from enclave_runtime.formats import nitro_cli_errors as errors
@@ -107,7 +107,10 @@ def unpack_ramdisk(root: Path, image: EifImage, index: int) -> Path:
     staging.mkdir(mode=0o700)
     try:
         with image.open_section(section) as data:
-            cpio.extract(data, staging, owner_offset=ENCLAVE_ID_BASE, skip_devices=True)
+            # The archive's owners, unshifted: without a user namespace the enclave's app user
+            # must own its files as the image says. Set-id bits and device nodes are dropped,
+            # and the 0700 cache keeps host users out (docs/security.md, "Emulator sandbox").
+            cpio.extract(data, staging, owner_offset=0, skip_devices=True)
         os.rename(staging, target)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)

@@ -39,8 +39,6 @@ from enclave_runtime.formats.vsock_ports import HEARTBEAT, HEARTBEAT_PORT, PAREN
 from enclave_runtime.linux import bring_interface_up
 from enclave_runtime.transport.vsock import ENV_CID, ENV_ROOT, EmulatedFabric
 
-# Enclave uid/gid 0..65535 are host ids ENCLAVE_ID_BASE.. (above systemd's container range).
-ENCLAVE_ID_BASE = 0x7FFF0000
 AWS_INIT_PATH = "/sbin:/usr/sbin:/bin:/usr/bin"
 FABRIC_MOUNT = "/run/nitro-emu"
 RAW_INIT = "init"

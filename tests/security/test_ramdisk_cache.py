@@ -1,8 +1,8 @@
-"""The emulator's ramdisk cache keeps nothing an EIF could use on the host (docs/emulator.md).
+"""The emulator's ramdisk cache keeps nothing an EIF could use on the host (docs/security.md).
 
 An EIF is untrusted input: its ramdisks may carry a set-uid-root shell and a world-writable
-block device. Unpacked into the host's cache they must lose both, with owners moved into the
-enclaves' unprivileged id range, in directories only the emulator may enter.
+block device. Unpacked into the host's cache they must lose both, in directories only the
+emulator may enter; owners stay the archive's, so the app user owns its files.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from enclave_runtime.emulator.launcher import unpack_ramdisk
-from enclave_runtime.emulator.sandbox import ENCLAVE_ID_BASE
 from enclave_runtime.formats.cpio import CpioWriter
 from enclave_runtime.formats.eif import build_eif, read_eif
 
@@ -48,14 +47,14 @@ def unpacked(tmp_path: Path) -> tuple[Path, Path]:
     return root, unpack_ramdisk(root, read_eif(eif), 0)
 
 
-def test_no_set_id_bit_and_owners_in_the_enclave_range(unpacked: tuple[Path, Path]) -> None:
+def test_no_set_id_bit_and_the_archives_owners(unpacked: tuple[Path, Path]) -> None:
     _root, target = unpacked
     shell = (target / "rootfs" / "suid-shell").stat()
     assert shell.st_mode & (stat.S_ISUID | stat.S_ISGID) == 0
     assert stat.S_IMODE(shell.st_mode) == 0o755
-    assert (shell.st_uid, shell.st_gid) == (ENCLAVE_ID_BASE, ENCLAVE_ID_BASE)
+    assert (shell.st_uid, shell.st_gid) == (0, 0)
     app = (target / "rootfs" / "app").stat()
-    assert (app.st_uid, app.st_gid) == (ENCLAVE_ID_BASE + 1000, ENCLAVE_ID_BASE + 1000)
+    assert (app.st_uid, app.st_gid) == (1000, 1000)  # the app user owns its files, as in the image
 
 
 def test_no_device_node_reaches_the_host(unpacked: tuple[Path, Path]) -> None:
