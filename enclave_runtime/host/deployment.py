@@ -58,6 +58,8 @@ def deployment_of(manifest: Manifest, published_ports: Sequence[str] = ()) -> di
         "signing_files": []
         if manifest.signature is None
         else [manifest.signature.certificate, manifest.signature.key],
+        # The private key alone, which the role refuses to copy to parents.
+        "signing_key": None if manifest.signature is None else manifest.signature.key,
     }
 
 

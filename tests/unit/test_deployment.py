@@ -81,6 +81,7 @@ def test_names_sources_services_and_signing_files_come_from_the_manifest(
     assert (deployment["cpu_count"], deployment["memory_mb"]) == (4, 2048)
     assert deployment["services"] == ["worker"]
     assert deployment["signing_files"] == ["keys/cert.pem", "keys/key.pem"]
+    assert deployment["signing_key"] == "keys/key.pem"
 
 
 def test_an_invalid_manifest_fails_with_the_runtimes_message(tmp_path: Path) -> None:

@@ -112,6 +112,11 @@ deployment:
       description: C(signature.certificate) and C(signature.key) as written (empty when unsigned).
       type: list
       elements: str
+    signing_key:
+      description:
+        - C(signature.key) as written, or null when unsigned. The enclave role refuses a
+          relative one (a key on the controller) rather than copy it to parents.
+      type: str
   sample:
     name: hello
     target: enclaveops-examples/hello-release:latest
@@ -127,6 +132,7 @@ deployment:
     memory_mb: 4096
     services: [heartbeat]
     signing_files: []
+    signing_key: null
 """
 
 from ansible.module_utils.basic import AnsibleModule  # noqa: E402
