@@ -14,6 +14,9 @@ TEST_TOOLS=(
     "pytest-mock==3.15.1"
     "mock==5.2.0"
     "hypothesis==6.141.1"
+    # The KMS tests' client and peer (tests/kms_support.py, moto's KMS): the last releases on 3.9.
+    "boto3==1.42.97"
+    "moto==5.1.22"
 )
 
 pick_python39() {
