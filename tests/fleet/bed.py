@@ -42,8 +42,11 @@ OWN_DIRS = ("/root", "/run", "/tmp", "/var/tmp", "/etc", "/var/lib")
 COPIED_DIRS = ("/etc", "/var/lib")
 # Left out of the copy of /var/lib: the controller's engine and databases, and the bed itself.
 NOT_COPIED = ("docker", "containerd", "postgresql", STATE_DIR.name)
-# Controller paths hidden on every host (an empty directory over each), as on a real fleet.
+# Controller paths hidden on every host (an empty directory over each), as on a real fleet; the
+# top-level directory of the checkout is added wherever the clone lives (CI clones elsewhere).
 HIDDEN_DIRS = ("/work", "/home")
+# Top-level directories a host needs from the controller: the bed cannot hide a checkout in them.
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt", "/var")
 REQUIRED_COMMANDS = (
     "/usr/sbin/sshd",
     "/usr/bin/ssh-keygen",
@@ -58,6 +61,23 @@ REQUIRED_COMMANDS = (
 
 class BedError(RuntimeError):
     """A step of building the bed failed; the message names the step and its output."""
+
+
+def hidden_dirs(checkout: Path = REPO_ROOT) -> tuple[str, ...]:
+    """HIDDEN_DIRS plus the top-level directory holding ``checkout``, unless a host has its own."""
+    if any(checkout.is_relative_to(d) for d in (*HIDDEN_DIRS, *OWN_DIRS)):
+        if any(checkout.is_relative_to(d) for d in COPIED_DIRS):
+            raise BedError(
+                f"the checkout {checkout} would be copied onto every host; clone it elsewhere"
+            )
+        return HIDDEN_DIRS
+    top = "/" + checkout.parts[1]
+    if top in SYSTEM_DIRS:
+        raise BedError(
+            f"the checkout {checkout} is under {top}, which hosts need and the bed cannot hide;"
+            " clone it elsewhere (for example under /work or /srv)"
+        )
+    return (*HIDDEN_DIRS, top)
 
 
 @dataclass
@@ -203,7 +223,7 @@ class Bed:
         _wait_for(lambda: _port_open(CONTROLLER_ADDRESS, REGISTRY_PORT), "the registry", None)
 
     def _prepare(self, host: Host) -> None:
-        for path in (*OWN_DIRS, *(f"/hidden{d}" for d in HIDDEN_DIRS)):
+        for path in (*OWN_DIRS, *(f"/hidden{d}" for d in hidden_dirs())):
             host.own(path).mkdir(parents=True, mode=0o755)
         for path in COPIED_DIRS:
             for entry in Path(path).iterdir():
@@ -236,7 +256,7 @@ class Bed:
 
     def _start_holder(self, host: Host) -> None:
         """A process that owns the host's mount namespace, with its directories mounted."""
-        hidden = [d for d in HIDDEN_DIRS if Path(d).is_dir()]
+        hidden = [d for d in hidden_dirs() if Path(d).is_dir()]
         mounts = [f"mount --bind {host.own('/hidden' + d)} {d}" for d in hidden]
         mounts += [f"mount --bind {host.own(d)} {d}" for d in OWN_DIRS]
         mounts += ["mkdir -p /run/sshd /run/nitro-emu", "echo ready", "exec sleep infinity"]

@@ -5,7 +5,11 @@ from __future__ import annotations
 import io
 import subprocess
 import tarfile
+from pathlib import Path
 
+import pytest
+
+from tests.fleet import bed as fleet_bed
 from tests.fleet.bed import REGISTRY, REPO_ROOT, Bed
 
 
@@ -60,3 +64,13 @@ def _one_file_tar() -> bytes:
         info.size = len(data)
         archive.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def test_the_checkout_is_hidden_wherever_it_was_cloned() -> None:
+    assert fleet_bed.hidden_dirs(Path("/work/main")) == fleet_bed.HIDDEN_DIRS
+    assert fleet_bed.hidden_dirs(Path("/check/work/main")) == (*fleet_bed.HIDDEN_DIRS, "/check")
+    assert fleet_bed.hidden_dirs(Path("/root/src/enclaveops")) == fleet_bed.HIDDEN_DIRS
+    with pytest.raises(fleet_bed.BedError, match="under /opt"):
+        fleet_bed.hidden_dirs(Path("/opt/enclaveops"))
+    with pytest.raises(fleet_bed.BedError, match="copied onto every host"):
+        fleet_bed.hidden_dirs(Path("/etc/enclaveops"))

@@ -509,7 +509,8 @@ def state():
     try:
         with open(f"/proc/{orphan}/stat") as stat:
             return stat.read().rsplit(") ", 1)[1].split()[0]
-    except FileNotFoundError:
+    # ESRCH when it is reaped between open and read.
+    except (FileNotFoundError, ProcessLookupError):
         return "reaped"
 
 deadline = time.monotonic() + 5
