@@ -64,6 +64,15 @@ from enclave_runtime.errors import EnclaveOpsError
 from enclave_runtime.formats.manifest import Manifest, load_manifest
 from enclave_runtime.formats.nitro_cli_rules import minimum_memory_mib
 from enclave_runtime.formats.pcr import Measurements
+from enclave_runtime.formats.release_labels import (
+    LABEL_AMEND_INPUTS,
+    LABEL_EIF,
+    LABEL_INPUTS,
+    LABEL_MEASUREMENTS,
+    LABEL_SOURCES,
+    LABEL_TARGET,
+    eif_label,
+)
 from enclave_runtime.host.docker_engine import (
     DockerError,
     ImageNotFoundError,
@@ -84,14 +93,6 @@ CONFIG_DIR = "/etc/enclaver"
 AMENDED_MANIFEST = "etc/enclaver/enclaver.yaml"
 RELEASE_EIF = "enclave/application.eif"
 RELEASE_MANIFEST = "enclave/enclaver.yaml"
-LABEL_SOURCES = "org.enclaveops.build.sources"
-LABEL_INPUTS = "org.enclaveops.build.inputs"
-LABEL_MEASUREMENTS = "org.enclaveops.build.measurements"
-LABEL_EIF = "org.enclaveops.build.eif"
-LABEL_AMEND_INPUTS = "org.enclaveops.amend.inputs"
-# On release and amended images: the target they were built for, so that a rebuild finds the
-# untagged images earlier builds of that target left behind.
-LABEL_TARGET = "org.enclaveops.build.target"
 # The project's own images: built locally by scripts/build-images.sh and served by no registry,
 # so ``pull`` never asks Docker Hub for them (an image there under that name is a stranger's).
 PROJECT_IMAGE_PREFIX = "enclaveops/"
@@ -165,6 +166,9 @@ class BuildResult:
     inputs_digest: str
     skipped: bool
     reason: str
+    # SHA-384 of the EIF file (what a build record and a parent's check compare); None for a
+    # release image built before its label recorded it.
+    eif_sha384: str | None = None
     # The amended image the EIF was built from; None when it is no longer present locally.
     amended: AppendedImage | None = None
     # Whether this call wrote ``BuildOptions.eif_output`` (in check mode: would write it); a
@@ -189,7 +193,7 @@ class BuildResult:
             "Measurements": self.measurements.to_nitro_cli(),
             "Image": self.image,
             "ImageID": self.image_id,
-            "Eif": {"SHA256": self.eif_sha256, "Size": self.eif_size},
+            "Eif": {"SHA256": self.eif_sha256, "SHA384": self.eif_sha384, "Size": self.eif_size},
             "Builder": self.builder,
             "InputsDigest": self.inputs_digest,
             "Skipped": self.skipped,
@@ -372,12 +376,13 @@ def _build_release(
             signing=plan.signing,
         )
         check_memory(eif, plan.manifest)
-        eif_sha256, eif_size = file_sha256(eif), eif.stat().st_size
+        eif_sha256, eif_sha384 = file_digests(eif)
+        eif_size = eif.stat().st_size
         labels = {
             LABEL_SOURCES: json.dumps({s.name: s.to_json() for s in plan.sources}, sort_keys=True),
             LABEL_INPUTS: plan.inputs_digest,
             LABEL_MEASUREMENTS: json.dumps(measurements.to_nitro_cli(), sort_keys=True),
-            LABEL_EIF: json.dumps({"SHA256": eif_sha256, "Size": eif_size}, sort_keys=True),
+            LABEL_EIF: eif_label(eif_sha256, eif_sha384, eif_size),
             LABEL_TARGET: target,
         }
         say(f"writing the release image {target}")
@@ -405,6 +410,7 @@ def _build_release(
         measurements=measurements,
         eif_sha256=eif_sha256,
         eif_size=eif_size,
+        eif_sha384=eif_sha384,
         builder=plan.builder,
         inputs_digest=plan.inputs_digest,
         skipped=False,
@@ -637,6 +643,8 @@ def up_to_date_release(client: DockerClient, target: str, digest: str) -> BuildR
     try:
         measurements = Measurements.from_nitro_cli(json.loads(labels[LABEL_MEASUREMENTS]))
         eif = json.loads(labels[LABEL_EIF])
+        if "SHA384" not in eif:
+            return None  # built before the label held the SHA-384 a build record needs
         return BuildResult(
             target=target,
             image_id=str(image.id),
@@ -644,6 +652,7 @@ def up_to_date_release(client: DockerClient, target: str, digest: str) -> BuildR
             measurements=measurements,
             eif_sha256=str(eif["SHA256"]),
             eif_size=int(eif["Size"]),
+            eif_sha384=eif.get("SHA384"),
             builder="",
             inputs_digest=digest,
             skipped=True,
@@ -657,8 +666,11 @@ def rebuild_reason(client: DockerClient, target: str) -> str:
     image = _local_image(client, target)
     if image is None:
         return f"no local image {target}"
-    if LABEL_INPUTS not in _labels(image):
+    labels = _labels(image)
+    if LABEL_INPUTS not in labels:
         return f"{target} was not made by enclaveops build"
+    if '"SHA384"' not in labels.get(LABEL_EIF, ""):
+        return f"{target} does not record its EIF's SHA-384 (an older enclave-runtime built it)"
     return "inputs changed since the last build"
 
 
@@ -820,11 +832,17 @@ def check_memory(eif: Path, manifest: Manifest) -> None:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
+    return file_digests(path)[0]
+
+
+def file_digests(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """SHA-256 and SHA-384 (hex) of a file, read once: an EIF is hundreds of MB."""
+    sha256, sha384 = hashlib.sha256(), hashlib.sha384()
     with open(path, "rb") as stream:
         for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+            sha256.update(chunk)
+            sha384.update(chunk)
+    return sha256.hexdigest(), sha384.hexdigest()
 
 
 @contextlib.contextmanager

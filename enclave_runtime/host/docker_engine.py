@@ -6,6 +6,7 @@ the enclave, in nitro-emu); the errors name the fix (install the SDK, start the 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 from types import ModuleType
@@ -61,6 +62,44 @@ def docker_client() -> DockerClient:
     return client
 
 
+@dataclasses.dataclass(frozen=True)
+class RegistryAuth:
+    """``docker login``-style credentials for one push or pull.
+
+    Unset (no RegistryAuth), the engine's client configuration applies: the SDK reads
+    ``~/.docker/config.json`` (and its credential helpers) of the user running it. For ECR the
+    password is ``aws ecr get-login-password --region R`` and the user name ``AWS``
+    (docs/build.md, "Registries and credentials").
+    """
+
+    username: str
+    password: str = dataclasses.field(repr=False)
+    registry: str | None = None
+
+    def auth_config(self) -> dict[str, str]:
+        """The SDK's ``auth_config`` for push and pull."""
+        config = {"username": self.username, "password": self.password}
+        if self.registry:
+            config["serveraddress"] = self.registry
+        return config
+
+
+def registry_auth(
+    username: str | None, password: str | None, registry: str | None = None
+) -> RegistryAuth | None:
+    """Credentials from the module options: both or neither of user name and password."""
+    if not username and not password:
+        return None
+    if not username or not password:
+        missing = "registry_password" if username else "registry_username"
+        raise DockerError(
+            f"{missing} is not set: give registry_username and registry_password together "
+            "(for ECR: AWS and `aws ecr get-login-password`), or neither to use the engine "
+            "user's ~/.docker/config.json"
+        )
+    return RegistryAuth(username, password, registry or None)
+
+
 def get_image(client: DockerClient, reference: str, *, pull: bool = False) -> Image:
     """The local image ``reference`` names; with ``pull``, pulled first even when present, so a
     tag that moved in its registry is refreshed (``docker build --pull``)."""
@@ -78,13 +117,18 @@ def get_image(client: DockerClient, reference: str, *, pull: bool = False) -> Im
         raise DockerError(f"cannot look up the Docker image {reference!r}: {err}") from None
 
 
-def pull_image(client: DockerClient, reference: str) -> Image:
-    """Pull ``reference`` (``latest`` when it names no tag or digest) and return the image."""
+def pull_image(client: DockerClient, reference: str, auth: RegistryAuth | None = None) -> Image:
+    """Pull ``reference`` (``latest`` when it names no tag or digest) and return the image; a
+    ``repository@sha256:…`` reference pulls exactly the manifest with that digest."""
     docker = docker_module()
     repository, tag = docker.utils.parse_repository_tag(reference)
+    extra = {"auth_config": auth.auth_config()} if auth is not None else {}
     try:
         # The engine reports most pull failures inside the progress stream, not as HTTP errors.
-        for event in client.api.pull(repository, tag=tag or "latest", stream=True, decode=True):
+        pulling = client.api.pull(
+            repository, tag=tag or "latest", stream=True, decode=True, **extra
+        )
+        for event in pulling:
             if "error" in event:
                 raise ImagePullError(f"pulling {reference!r} failed: {event['error']}")
         return client.images.get(reference)

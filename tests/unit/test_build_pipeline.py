@@ -45,6 +45,7 @@ from enclave_runtime.build.pipeline import (
     odyn_entrypoint,
     plan_build,
     prune_superseded,
+    rebuild_reason,
     replaced_on_success,
     resolve_sources,
     signing_files,
@@ -485,7 +486,7 @@ def test_a_release_made_from_the_same_inputs_is_up_to_date() -> None:
     labels = {
         LABEL_INPUTS: "sha256:in",
         LABEL_MEASUREMENTS: json.dumps(PCRS.to_nitro_cli()),
-        LABEL_EIF: json.dumps({"SHA256": "ee", "Size": 10}),
+        LABEL_EIF: json.dumps({"SHA256": "ee", "SHA384": "ff", "Size": 10}),
     }
 
     found = up_to_date_release(_release(labels), "example/hello-release:1.0", "sha256:in")
@@ -499,6 +500,22 @@ def test_a_release_made_from_the_same_inputs_is_up_to_date() -> None:
     assert found.reason == "inputs unchanged: example/hello-release:1.0 already holds this build"
     assert up_to_date_release(_release(labels), "example/hello-release:1.0", "sha256:x") is None
     assert up_to_date_release(FakeEngine({}), "example/hello-release:1.0", "sha256:in") is None
+
+
+def test_a_release_whose_label_lacks_the_eif_sha384_is_built_again_and_says_why() -> None:
+    """Build records need the SHA-384; release images of an older enclave-runtime lack it."""
+    labels = {
+        LABEL_INPUTS: "sha256:in",
+        LABEL_MEASUREMENTS: json.dumps(PCRS.to_nitro_cli()),
+        LABEL_EIF: json.dumps({"SHA256": "ee", "Size": 10}),
+    }
+    engine = _release(labels)
+
+    assert up_to_date_release(engine, "example/hello-release:1.0", "sha256:in") is None
+    assert rebuild_reason(engine, "example/hello-release:1.0") == (
+        "example/hello-release:1.0 does not record its EIF's SHA-384 (an older enclave-runtime "
+        "built it)"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -627,6 +644,7 @@ class ReleaseEngine(FakeEngine):
                     LABEL_EIF: json.dumps(
                         {
                             "SHA256": hashlib.sha256(RELEASE_EIF_BYTES).hexdigest(),
+                            "SHA384": hashlib.sha384(RELEASE_EIF_BYTES).hexdigest(),
                             "Size": len(RELEASE_EIF_BYTES),
                         }
                     ),
