@@ -10,6 +10,7 @@ a deployed one is what a rollback goes back to (docs/build.md, "Build records").
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 import tempfile
@@ -26,7 +27,7 @@ from enclave_runtime.formats.build_record import (
     load_record,
     record_from_document,
 )
-from enclave_runtime.formats.manifest import Manifest
+from enclave_runtime.formats.manifest import Manifest, load_manifest
 from enclave_runtime.formats.pcr import Measurements
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -85,6 +86,21 @@ def make_record(
         "created": moment.strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
     return record_from_document(document, f"the record of {build.image}")
+
+
+def record_build(
+    manifest_path: str | os.PathLike[str],
+    build: BuildResult,
+    push: PushResult,
+    record_dir: str | os.PathLike[str],
+    *,
+    check_mode: bool = False,
+) -> RecordWrite:
+    """Record ``build`` of the manifest at ``manifest_path`` under ``record_dir``, once."""
+    manifest_bytes = Path(manifest_path).read_bytes()
+    digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+    record = make_record(load_manifest(manifest_path), digest, build, push)
+    return RecordStore(record_dir).write(record, check_mode=check_mode)
 
 
 def _measurements(measurements: Measurements) -> dict[str, str]:

@@ -118,18 +118,18 @@ def _resolve_or_none(client: DockerClient, reference: str) -> ReleaseImage | Non
 def check_release_image(
     client: DockerClient, release: ReleaseImage, expected: ReleaseExpectation
 ) -> None:
-    """ReleaseLabelError naming each field in which the local image is not ``expected``."""
-    if expected.empty:
-        return
-    image = get_image(client, release.image_id)
+    """ReleaseLabelError naming each field in which the local image is not ``expected``. The
+    labels are read only when an EIF hash or PCRs are expected."""
     differences: list[tuple[str, str, str]] = []
-    if expected.digest is not None and not _has_digest(image.attrs, release, expected.digest):
-        found = ", ".join(image.attrs.get("RepoDigests") or ()) or "(none)"
+    if expected.digest is not None and not _has_digest(client, release, expected.digest):
+        found = ", ".join(_repo_digests(client, release)) or "(none)"
         differences.append(("digest", expected.digest, found))
-    labels = read_release_labels(
-        (image.attrs.get("Config") or {}).get("Labels") or {}, release.pinned
-    )
-    differences += label_differences(labels, eif_sha384=expected.eif_sha384, pcrs=expected.pcrs)
+    if expected.eif_sha384 is not None or expected.pcrs:
+        image = get_image(client, release.image_id)
+        labels = read_release_labels(
+            (image.attrs.get("Config") or {}).get("Labels") or {}, release.pinned
+        )
+        differences += label_differences(labels, eif_sha384=expected.eif_sha384, pcrs=expected.pcrs)
     if differences:
         said = "; ".join(f"{field} is {have}, expected {want}" for field, want, have in differences)
         raise ReleaseLabelError(
@@ -140,10 +140,15 @@ def check_release_image(
         )
 
 
-def _has_digest(attrs: Mapping[str, object], release: ReleaseImage, digest: str) -> bool:
+def _repo_digests(client: DockerClient, release: ReleaseImage) -> list[str]:
+    return [
+        str(entry) for entry in get_image(client, release.image_id).attrs.get("RepoDigests") or ()
+    ]
+
+
+def _has_digest(client: DockerClient, release: ReleaseImage, digest: str) -> bool:
     """Whether the image is the one with manifest ``digest``: one of its RepoDigests, or (a
     locally built image pinned as ``tag@<image ID>``) its own ID."""
     if hmac.compare_digest(release.image_id, digest):
         return True
-    entries = attrs.get("RepoDigests") or ()
-    return any(str(entry).rpartition("@")[2] == digest for entry in entries)  # type: ignore[union-attr]
+    return any(entry.rpartition("@")[2] == digest for entry in _repo_digests(client, release))

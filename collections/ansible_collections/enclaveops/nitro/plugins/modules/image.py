@@ -89,6 +89,51 @@ options:
         (it was rebuilt from other inputs in between); the release image and O(eif_output) are
         kept as they are. Not checked in check mode when a build would run.
     type: dict
+  push_repository:
+    description:
+      - Push the release image to this repository, as C([HOST[:PORT]/]path[:tag]) (tag
+        C(latest) when none is given), for example C(10.231.0.1:5000/hello:1.0) or
+        C(123456789012.dkr.ecr.eu-west-1.amazonaws.com/hello:1.0), and return the registry's
+        digest as RV(repo_digest). Parents deploy that digest with M(enclaveops.nitro.sleeve).
+      - The push is skipped (no change) when the registry's tag already names a manifest this
+        image was pushed as.
+      - A registry without TLS must be listed in the engine's C(insecure-registries)
+        (loopback registries are by default).
+    type: str
+    version_added: 0.1.0
+  registry_username:
+    description:
+      - The user name for O(push_repository)'s registry, as C(docker login) takes it; for ECR
+        C(AWS). Given together with O(registry_password).
+      - Without both, the engine user's C(~/.docker/config.json) (and its credential helpers,
+        such as C(docker-credential-ecr-login)) applies.
+    type: str
+    version_added: 0.1.0
+  registry_password:
+    description:
+      - The password or token for O(registry_username); for ECR the output of
+        C(aws ecr get-login-password --region REGION) (valid 12 hours).
+    type: str
+    version_added: 0.1.0
+  registry:
+    description:
+      - The registry server the credentials are for (C(serveraddress) of Docker's auth
+        configuration); defaults to the host of O(push_repository).
+    type: str
+    version_added: 0.1.0
+  record_dir:
+    description:
+      - Keep a build record of the pushed release image in this directory of the build
+        machine, as C(<record_dir>/<manifest name>/<PCR0 first 16 hex>-<image digest 12
+        hex>.json): the registry digest, image ID, EIF SHA-384 and SHA-256, PCR0-2 (PCR8 when
+        signed), the manifest's SHA-256, ingress ports, aux API port and creation time.
+      - Records are written once and never overwritten. The same build recorded again leaves
+        its record alone (no change); another build whose record would take the same path is
+        refused. M(enclaveops.nitro.build_record_info) lists them and picks the build before a
+        given one for a rollback.
+      - Requires O(push_repository).
+    type: path
+    version_added: 0.1.0
 extends_documentation_fragment:
   - enclaveops.nitro.nitro
   - enclaveops.nitro.attributes
@@ -98,13 +143,16 @@ attributes:
     description: Resolves the local sources and computes the inputs digest, building, pulling and
       writing nothing. With O(pull=true) it reports C(changed), as the pull may bring a new image;
       with O(eif_output) it reports C(changed) when that file is missing or not the build's EIF.
+      With O(push_repository) it asks the registry what the tag holds and reports whether a push
+      would run; with O(record_dir) whether a record would be written. When a build would run,
+      nothing can be pushed yet and RV(repo_digest) is null.
   diff_mode:
     support: none
     description: Images are not diffed; RV(reason) says why the image is (re)built.
   idempotent:
     support: full
-    description: Unchanged inputs leave the release image, and an O(eif_output) that holds its
-      EIF, alone (C(changed=false)).
+    description: Unchanged inputs leave the release image, an O(eif_output) that holds its
+      EIF, a registry tag that holds it and its record alone (C(changed=false)).
 notes:
   - Needs the Docker SDK for Python and a Docker engine on the target (O(docker_host)).
   - The project's runtime and sleeve images are built by C(scripts/build-images.sh).
@@ -138,6 +186,30 @@ EXAMPLES = r"""
     name: hello
     image: "{{ hello_image.image }}"
     published_ports: ["8080:8080"]
+
+- name: Build, push to the fleet's registry and keep a record of the build
+  enclaveops.nitro.image:
+    manifest: /srv/hello/enclaver.yaml
+    push_repository: 10.231.0.1:5000/hello:1.0
+    registry_username: ci
+    registry_password: "{{ registry_password }}"
+    record_dir: /var/lib/enclaveops/records
+  register: hello_release
+
+- name: Get an ECR token (valid 12 hours) on the controller
+  ansible.builtin.command: aws ecr get-login-password --region eu-west-1
+  delegate_to: localhost
+  register: ecr_login
+  changed_when: false
+  no_log: true
+
+- name: Push to ECR
+  enclaveops.nitro.image:
+    manifest: /srv/hello/enclaver.yaml
+    push_repository: 123456789012.dkr.ecr.eu-west-1.amazonaws.com/hello:1.0
+    registry_username: AWS
+    registry_password: "{{ ecr_login.stdout }}"
+    record_dir: /var/lib/enclaveops/records
 
 - name: Check the PCRs the build printed against an attestation
   enclaveops.nitro.attestation:
@@ -221,6 +293,74 @@ builder:
   description: The EIF builder (V(nitro-cli) or V(native)).
   returned: always
   type: str
+eif_sha384:
+  description: SHA-384 of the EIF inside the image; null when check mode would build.
+  returned: always
+  type: str
+  version_added: 0.1.0
+repo_digest:
+  description:
+    - The pushed release image as C(repository@sha256:DIGEST), the registry's manifest
+      digest, which parents pull and check (O(enclaveops.nitro.sleeve#module:image)).
+    - Null without O(push_repository), and in check mode when a push would run.
+  returned: always
+  type: str
+  sample: "10.231.0.1:5000/hello@sha256:4f2a..."
+  version_added: 0.1.0
+push:
+  description: What the push did; null without O(push_repository).
+  returned: always
+  type: dict
+  version_added: 0.1.0
+  contains:
+    repository:
+      description: The repository pushed to.
+      type: str
+      sample: 10.231.0.1:5000/hello
+    tag:
+      description: The tag pushed.
+      type: str
+      sample: "1.0"
+    pushed:
+      description: Whether the image was pushed (in check mode, would be).
+      type: bool
+    reason:
+      description: Why it was pushed, or why not.
+      type: str
+      sample: "10.231.0.1:5000/hello:1.0 already holds this image"
+record:
+  description: The build record kept under O(record_dir); null without it, and in check mode
+    when a push would run.
+  returned: always
+  type: dict
+  version_added: 0.1.0
+  contains:
+    path:
+      description: The record's file.
+      type: str
+      sample: /var/lib/enclaveops/records/hello/b0080979fa132f05-4f2a9c1d7e3b.json
+    written:
+      description: Whether this task wrote it (in check mode, would write it).
+      type: bool
+    document:
+      description: The record (schema C(enclave_runtime/formats/data/build_record.schema.json)).
+      type: dict
+      sample:
+        version: 1
+        name: hello
+        image:
+          repository: 10.231.0.1:5000/hello
+          tag: "1.0"
+          digest: "sha256:4f2a..."
+          repo_digest: "10.231.0.1:5000/hello@sha256:4f2a..."
+          image_id: "sha256:c69c..."
+        eif: {sha384: "9d1c...", sha256: "e3b0...", size: 203960409}
+        measurements: {PCR0: "b008...", PCR1: "0c18...", PCR2: "42b6..."}
+        manifest_digest: "sha256:77af..."
+        inputs_digest: "sha256:51d0..."
+        ingress_ports: [8080, 9101]
+        aux_api_port: 9101
+        created: "2026-12-07T15:00:00Z"
 reason:
   description: Why the image was built, or why it was left alone.
   returned: always
@@ -270,6 +410,10 @@ def built_result(build, eif_output):
     document = build.to_json()
     return dict(
         changed=not build.skipped or build.eif_written,
+        eif_sha384=build.eif_sha384,
+        repo_digest=None,
+        push=None,
+        record=None,
         sources=document["Sources"],
         measurements=document["Measurements"],
         image=build.image,
@@ -284,13 +428,14 @@ def built_result(build, eif_output):
 
 
 def predicted_result(pipeline, client, module, options):
-    """Check mode: whether a build would run, from the inputs digest alone; nothing is pulled."""
+    """Check mode: whether a build would run, from the inputs digest alone; nothing is pulled.
+    Returns the result and the up-to-date build (None when a build would run)."""
     plan = pipeline.plan_build(module.params["manifest"], options, client, check_mode=True)
     existing, reason = pipeline.existing_release(client, plan, force=options.force)
     if existing is not None:
         if options.eif_output is not None:
             existing = pipeline.provide_eif(client, existing, options.eif_output, check_mode=True)
-        return built_result(existing, module.params["eif_output"])
+        return built_result(existing, module.params["eif_output"]), existing
     return dict(
         changed=True,
         sources={source.name: source.to_json() for source in plan.sources},
@@ -298,12 +443,43 @@ def predicted_result(pipeline, client, module, options):
         image=plan.manifest.target,
         image_id=None,
         eif_digest=None,
+        eif_sha384=None,
+        repo_digest=None,
+        push=None,
+        record=None,
         inputs_digest=plan.inputs_digest,
         builder=plan.builder,
         reason=reason,
         amended=None,
         eif=None,
+    ), None
+
+
+def publish(modules, client, module, build, result):
+    """Push the release image and keep its record, as the options ask; updates ``result``."""
+    params = module.params
+    if not params["push_repository"] or build.image_id is None:
+        return
+    engine, registry_push, release_record = modules
+    auth = engine.registry_auth(
+        params["registry_username"], params["registry_password"], params["registry"]
     )
+    pushed = registry_push.push_release(
+        client, build.image_id, params["push_repository"], auth=auth, check_mode=module.check_mode
+    )
+    result["repo_digest"] = pushed.repo_digest
+    result["push"] = dict(
+        repository=pushed.repository, tag=pushed.tag, pushed=pushed.pushed, reason=pushed.reason
+    )
+    result["changed"] = result["changed"] or pushed.pushed
+    if params["record_dir"] and pushed.digest is not None:
+        kept = release_record.record_build(
+            params["manifest"], build, pushed, params["record_dir"], check_mode=module.check_mode
+        )
+        result["record"] = dict(
+            path=str(kept.path), written=kept.written, document=dict(kept.record.document)
+        )
+        result["changed"] = result["changed"] or kept.written
 
 
 def check_expected_pcrs(module, attestation_client, pcr, build):
@@ -328,19 +504,31 @@ def run(module):
     docker_engine = import_runtime(module, "enclave_runtime.host.docker_engine")
     attestation_client = import_runtime(module, "enclave_runtime.host.attestation_client")
     pcr = import_runtime(module, "enclave_runtime.formats.pcr")
+    publishing = (
+        docker_engine,
+        import_runtime(module, "enclave_runtime.build.registry_push"),
+        import_runtime(module, "enclave_runtime.build.release_record"),
+    )
     apply_environment(module)
     options = build_options(pipeline, module)
+    manifest = module.params["manifest"]
+    result = None
     try:
         client = docker_engine.docker_client()
         if module.check_mode:
-            module.exit_json(**predicted_result(pipeline, client, module, options))
-        build = pipeline.build(module.params["manifest"], options, client=client)
+            result, existing = predicted_result(pipeline, client, module, options)
+            if existing is not None:
+                publish(publishing, client, module, existing, result)
+            module.exit_json(**result)
+        build = pipeline.build(manifest, options, client=client)
         check_expected_pcrs(module, attestation_client, pcr, build)
+        result = built_result(build, module.params["eif_output"])
+        publish(publishing, client, module, build, result)
     except errors.EnclaveOpsError as err:
         fail_from_error(
-            module, err, f"cannot build the release image of {module.params['manifest']}"
+            module, err, f"cannot build the release image of {manifest}", **(result or {})
         )
-    module.exit_json(**built_result(build, module.params["eif_output"]))
+    module.exit_json(**result)
 
 
 def main():
@@ -354,7 +542,14 @@ def main():
             eif_output=dict(type="path"),
             target_architecture=dict(type="str"),
             expected_pcrs=dict(type="dict"),
+            push_repository=dict(type="str"),
+            registry_username=dict(type="str"),
+            registry_password=dict(type="str", no_log=True),
+            registry=dict(type="str"),
+            record_dir=dict(type="path"),
         ),
+        required_by=dict(record_dir="push_repository"),
+        required_together=[("registry_username", "registry_password")],
         supports_check_mode=True,
     )
     run(module)

@@ -41,7 +41,11 @@ options:
     description:
       - The release image, as a local Docker reference, either a tag (C(repository:tag)), an
         image ID, or C(repository:tag@sha256:ID), the C(Image) that C(enclaveops build) prints
-        and RV(enclaveops.nitro.image#module:image) returns. It is not pulled.
+        and RV(enclaveops.nitro.image#module:image) returns; or, on a fleet, the
+        C(repository@sha256:DIGEST) a push returned (RV(enclaveops.nitro.image#module:repo_digest),
+        a build record's C(image.repo_digest)). It is pulled only as O(pull) asks.
+      - A C(@sha256:) reference whose digest is malformed (not 64 lower-case hex digits) is
+        refused before any registry is asked.
       - In the C(@sha256:ID) form the image ID decides what runs (exactly what was built and
         measured), and the local image with that ID must exist. If the tag does not point to it
         (it moved, or does not exist here), the module warns and runs the image ID. A digest
@@ -101,6 +105,61 @@ options:
     type: str
     choices: ["no", on-failure, unless-stopped, always]
     default: "no"
+  pull:
+    description:
+      - V(never) (the default) uses the local image only; a missing one fails.
+      - V(missing) pulls O(image) when it is not present locally, V(always) pulls it every run
+        (for a C(@sha256:) digest that is only a check with the registry). A pull that brings an
+        image that was not here is a change (RV(pulled)).
+      - Check mode never pulls; it reports that a pull would happen.
+    type: str
+    choices: [never, missing, always]
+    default: never
+    version_added: 0.1.0
+  registry_username:
+    description:
+      - The user name for the registry O(image) is pulled from, as C(docker login) takes it;
+        for ECR C(AWS). Given together with O(registry_password).
+      - Without both, the engine user's C(~/.docker/config.json) (and credential helpers)
+        applies.
+    type: str
+    version_added: 0.1.0
+  registry_password:
+    description:
+      - The password or token for O(registry_username); for ECR the output of
+        C(aws ecr get-login-password --region REGION).
+    type: str
+    version_added: 0.1.0
+  registry:
+    description:
+      - The registry server the credentials are for; defaults to the host of O(image).
+    type: str
+    version_added: 0.1.0
+  expected_digest:
+    description:
+      - The registry digest (C(sha256:...)) the release image must have among its
+        C(RepoDigests), as the build record's C(image.digest) gives it.
+      - Defaults to the digest of O(image) when O(image) is C(repository@sha256:DIGEST) and
+        O(pull) is not V(never) or an expected EIF hash or PCRs are given; set it when O(image)
+        is a tag, so that an image pushed over that tag is refused.
+    type: str
+    version_added: 0.1.0
+  expected_eif_sha384:
+    description:
+      - The SHA-384 of the EIF inside the release image (a build record's C(eif.sha384)). The
+        image's label C(org.enclaveops.build.eif) must hold it.
+    type: str
+    version_added: 0.1.0
+  expected_pcrs:
+    description:
+      - PCRs the image's label C(org.enclaveops.build.measurements) must hold: a mapping of
+        PCR index (C(0), C("0") or C(PCR0)) to hex, or nitro-cli's C(Measurements) (a build
+        record's C(measurements)).
+      - Any of O(expected_digest), O(expected_eif_sha384), O(expected_pcrs) that differs fails
+        the task before a container is created or replaced, naming each field that differs;
+        the running container is left as it is.
+    type: dict
+    version_added: 0.1.0
   wait:
     description:
       - With O(state=started), wait until the enclave is C(RUNNING).
@@ -121,7 +180,8 @@ attributes:
     support: full
     description:
       - Reads the container and the image and predicts whether it would be created, replaced,
-        started, stopped or removed. Changes nothing.
+        started, stopped or removed. Changes nothing. A pull it would make is reported in
+        RV(reason) and RV(pulled), not made.
   diff_mode:
     support: full
     description: Shows the image ID, the state and the configuration before and after.
@@ -149,6 +209,18 @@ EXAMPLES = r"""
     name: hello
     image: "{{ (lookup('ansible.builtin.file', 'measurements/hello.json') | from_json).image }}"
     published_ports: ["8080:8080"]
+
+- name: On a fleet parent, pull the recorded build by digest and check it against the record
+  enclaveops.nitro.sleeve:
+    name: hello
+    image: "{{ record.image.repo_digest }}"
+    pull: missing
+    registry_username: ci
+    registry_password: "{{ registry_password }}"
+    expected_eif_sha384: "{{ record.eif.sha384 }}"
+    expected_pcrs: "{{ record.measurements }}"
+    published_ports: ["8080:8080"]
+    restart_policy: unless-stopped
 
 - name: On the emulator, for every module of the play
   module_defaults:
@@ -227,6 +299,11 @@ image:
   returned: always
   type: str
   sample: enclaveops-examples/hello-release:latest@sha256:8843cea65b25...
+pulled:
+  description: Whether O(image) was pulled and was not present before (in check mode, would be).
+  returned: always
+  type: bool
+  version_added: 0.1.0
 reason:
   description: Why the container was (or would be) changed, or why it was left alone.
   returned: always
@@ -270,13 +347,46 @@ def config_from_params(containers, params):
     )
 
 
-def release_image(containers, engine, client, reference, check_mode):
-    """The resolved release image; in check mode a missing one is a change to come (None)."""
+def expectation(module, pulling, attestation_client):
+    """What the image must be (the build record's values); empty when nothing is asked."""
+    params = module.params
+    pcrs = params["expected_pcrs"]
+    wanted = (
+        params["expected_digest"]
+        or params["expected_eif_sha384"]
+        or pcrs
+        or params["pull"] != "never"
+    )
+    if not wanted:
+        return pulling.ReleaseExpectation()
+    return pulling.expectation_for(
+        params["image"],
+        digest=params["expected_digest"],
+        eif_sha384=params["expected_eif_sha384"],
+        pcrs=attestation_client.parse_expected_pcrs(pcrs) if pcrs else None,
+    )
+
+
+def release_image(module, modules, client):
+    """The release image pulled as asked and checked; in check mode a missing one is a change
+    to come (release None)."""
+    engine, pulling, attestation_client = modules
+    params = module.params
+    auth = engine.registry_auth(
+        params["registry_username"], params["registry_password"], params["registry"]
+    )
     try:
-        return containers.resolve_release_image(client, reference)
-    except engine.ImageNotFoundError:
-        if check_mode:
-            return None
+        return pulling.prepare_release_image(
+            client,
+            params["image"],
+            pull=params["pull"],
+            auth=auth,
+            expected=expectation(module, pulling, attestation_client),
+            check_mode=module.check_mode,
+        )
+    except engine.ImageNotFoundError as err:
+        if module.check_mode:
+            return pulling.PreparedRelease(None, False, str(err))
         raise
 
 
@@ -307,6 +417,8 @@ def run(module):
     errors = import_runtime(module, "enclave_runtime.errors")
     containers = import_runtime(module, "enclave_runtime.host.sleeve_container")
     engine = import_runtime(module, "enclave_runtime.host.docker_engine")
+    pulling = import_runtime(module, "enclave_runtime.host.release_pull")
+    attestation_client = import_runtime(module, "enclave_runtime.host.attestation_client")
     import_docker(module)
     apply_environment(module)
     params = module.params
@@ -317,9 +429,10 @@ def run(module):
         client = engine.docker_client()
         container = containers.find_container(client, name)
         current = containers.container_state(container) if container is not None else None
-        release = None
+        prepared = release = None
         if state != "absent":
-            release = release_image(containers, engine, client, params["image"], module.check_mode)
+            prepared = release_image(module, (engine, pulling, attestation_client), client)
+            release = prepared.release
         wanted_image = release.image_id if release else None
         spec = containers.container_spec(wanted_image or params["image"] or "", name, config)
         plan = containers.plan_sleeve(current, state, wanted_image, spec)
@@ -327,11 +440,13 @@ def run(module):
         fail_from_error(module, err, hint)
     if release is not None and release.note:
         module.warn(f"{hint}: {release.note}")
+    pulled = bool(prepared and prepared.pulled)
     result = dict(
-        changed=plan.changed,
-        reason=plan.reason,
+        changed=plan.changed or pulled,
+        reason="; ".join(part for part in (prepared and prepared.reason, plan.reason) if part),
         enclave=None,
         image=release.pinned if release else None,
+        pulled=pulled,
     )
     if module._diff:
         result["diff"] = diff(containers, current, state, wanted_image, config)
@@ -365,8 +480,16 @@ def main():
             ),
             wait=dict(type="bool", default=True),
             wait_timeout=dict(type="int", default=180),
+            pull=dict(type="str", choices=["never", "missing", "always"], default="never"),
+            registry_username=dict(type="str"),
+            registry_password=dict(type="str", no_log=True),
+            registry=dict(type="str"),
+            expected_digest=dict(type="str"),
+            expected_eif_sha384=dict(type="str"),
+            expected_pcrs=dict(type="dict"),
         ),
         required_if=[("state", "started", ("image",)), ("state", "stopped", ("image",))],
+        required_together=[("registry_username", "registry_password")],
         supports_check_mode=True,
     )
     run(module)
