@@ -41,6 +41,10 @@ class RecordConflictError(RecordStoreError):
     """Another build's record already holds the path this build's record would take."""
 
 
+class NoEarlierRecordError(RecordStoreError):
+    """There is no build recorded before the one named: nothing to roll back to."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordWrite:
     """Where a record is, and whether this call wrote it (in check mode: would write it)."""
@@ -202,7 +206,7 @@ def record_before(records: Sequence[BuildRecord], name: str, before: str | None)
             )
         index = matches[0]
     if index < 1:
-        raise RecordStoreError(
+        raise NoEarlierRecordError(
             f"there is no build of {name} recorded before "
             f"{before or 'the newest'}: nothing to roll back to ({len(records)} record(s))"
         )

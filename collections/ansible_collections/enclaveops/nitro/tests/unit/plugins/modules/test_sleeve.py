@@ -20,6 +20,7 @@ from ansible_collections.enclaveops.nitro.tests.unit.plugins.modules import fake
 
 docker = pytest.importorskip("docker")
 docker_engine = pytest.importorskip("enclave_runtime.host.docker_engine")
+labels = pytest.importorskip("enclave_runtime.formats.release_labels")
 
 RELEASE = "hello-release:latest"
 RELEASE_ID = "sha256:" + "a" * 64
@@ -69,13 +70,15 @@ class FakeContainer:
 class FakeImages:
     def __init__(self) -> None:
         self.ids = {RELEASE: RELEASE_ID}
+        self.attrs: dict[str, dict[str, Any]] = {}  # image ID -> RepoDigests and Config
 
     def get(self, reference: str) -> Any:
-        """By tag or by image ID, as the engine looks images up (not by a pinned reference)."""
+        """By tag, by image ID or by registry digest, as the engine looks images up (not by a
+        pinned reference)."""
         image_id = self.ids.get(reference) or (reference if reference in self.ids.values() else "")
         if not image_id:
             raise docker.errors.ImageNotFound(reference)
-        return type("Image", (), {"id": image_id})()
+        return type("Image", (), {"id": image_id, "attrs": self.attrs.get(image_id, {})})()
 
 
 class FakeContainers:
@@ -96,7 +99,8 @@ class FakeContainers:
 
 
 class FakeDocker:
-    """The engine calls the module makes (images.get, containers.get/create), as a client."""
+    """The engine calls the module makes (images.get, api.pull, containers.get/create), as a
+    client; ``registry`` holds what a pull by digest brings: reference -> (ID, attrs)."""
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
@@ -105,6 +109,19 @@ class FakeDocker:
         self.running: dict[str, FakeContainer] = {}
         self.created: list[dict[str, Any]] = []
         self.actions: list[tuple[str, str]] = []
+        self.registry: dict[str, tuple[str, dict[str, Any]]] = {}
+        self.api = self
+
+    def pull(self, repository: str, tag: str, stream: bool, decode: bool, **kwargs: Any):
+        reference = f"{repository}@{tag}"
+        self.actions.append(("pull", reference))
+        self.pull_auth = kwargs.get("auth_config")
+        if reference not in self.registry:
+            return iter([{"error": f"manifest for {reference} not found: manifest unknown"}])
+        image_id, attrs = self.registry[reference]
+        self.images.ids[reference] = image_id
+        self.images.attrs[image_id] = attrs
+        return iter([{"status": "Downloaded newer image"}])
 
     def enclave_started(self, enclave_id: str, cid: int) -> None:
         """What the sleeve's run-enclave leaves in nitro-cli's view of the host."""
@@ -282,3 +299,100 @@ def test_a_sleeve_that_exits_before_its_enclave_runs_fails_with_its_log(
     assert result["rc"] == 1
     assert "ended with exit status 1 before its enclave was running" in result["msg"]
     assert "[ E26 ]" in result["msg"]
+
+
+# --- fleets: pulled by digest, checked against the build record --------------------------
+
+REPO = "10.231.0.1:5000/hello"
+DIGEST = "sha256:" + "d" * 64
+PUSHED = f"{REPO}@{DIGEST}"
+RECORD_PCRS = {"PCR0": "a0" * 48, "PCR1": "01" * 48, "PCR2": "02" * 48}
+EIF_SHA384 = "38" * 48
+
+
+def release_attrs(pcr0: str = RECORD_PCRS["PCR0"]) -> dict[str, Any]:
+    return {
+        "RepoDigests": [PUSHED],
+        "Config": {
+            "Labels": {
+                labels.LABEL_MEASUREMENTS: json.dumps({**RECORD_PCRS, "PCR0": pcr0}),
+                labels.LABEL_EIF: labels.eif_label("56" * 32, EIF_SHA384, 100),
+            }
+        },
+    }
+
+
+@pytest.fixture
+def fleet_args(args: dict[str, Any], engine: FakeDocker) -> dict[str, Any]:
+    engine.registry[PUSHED] = (NEXT_ID, release_attrs())
+    return dict(
+        args,
+        image=PUSHED,
+        pull="missing",
+        registry_username="ci",
+        registry_password="s3cret",
+        expected_eif_sha384=EIF_SHA384,
+        expected_pcrs=RECORD_PCRS,
+    )
+
+
+def test_a_parent_pulls_the_recorded_digest_once_and_runs_it(
+    run_module, engine, fleet_args
+) -> None:
+    first = run_module(sleeve.main, fleet_args)
+    assert (first["failed"], first["changed"], first["pulled"]) == (False, True, True), first
+    assert first["container"]["image_id"] == NEXT_ID
+    assert first["reason"] == f"pulled {PUSHED}; no container hello exists"
+    assert engine.pull_auth == {"username": "ci", "password": "s3cret"}
+    assert "s3cret" not in json.dumps(first)
+
+    second = run_module(sleeve.main, fleet_args)
+    assert (second["changed"], second["pulled"]) == (False, False)
+    assert [action for action in engine.actions if action[0] == "pull"] == [("pull", PUSHED)]
+
+
+def test_check_mode_reports_the_pull_and_pulls_nothing(run_module, engine, fleet_args) -> None:
+    predicted = run_module(sleeve.main, fleet_args, check_mode=True)
+    assert (predicted["changed"], predicted["pulled"], predicted["failed"]) == (True, True, False)
+    assert predicted["reason"].startswith(f"would pull {PUSHED}")
+    assert engine.actions == []
+
+
+def test_an_image_whose_labels_differ_from_the_record_is_refused_before_it_runs(
+    run_module, engine, fleet_args
+) -> None:
+    run_module(
+        sleeve.main,
+        dict(fleet_args, image=RELEASE, pull="never", expected_pcrs=None, expected_eif_sha384=None),
+    )
+    engine.registry[PUSHED] = (NEXT_ID, release_attrs(pcr0="ff" * 48))
+    refused = run_module(sleeve.main, fleet_args)
+    assert refused["failed"] is True
+    assert f"PCR0 is {'ff' * 48}, expected {'a0' * 48}" in refused["msg"]
+    assert "Refusing to run it" in refused["msg"]
+    # the running container (the old deployment) is left as it is
+    assert ("remove", "hello") not in engine.actions
+    assert engine.running["hello"].status == "running"
+
+
+def test_a_wrong_eif_hash_is_named(run_module, engine, fleet_args) -> None:
+    refused = run_module(sleeve.main, dict(fleet_args, expected_eif_sha384="00" * 48))
+    assert refused["failed"] is True
+    assert f"eif_sha384 is {EIF_SHA384}, expected {'00' * 48}" in refused["msg"]
+    assert not engine.created
+
+
+def test_a_malformed_digest_is_refused_without_asking_the_registry(
+    run_module, engine, fleet_args
+) -> None:
+    refused = run_module(sleeve.main, dict(fleet_args, image=f"{REPO}@sha256:1234"))
+    assert refused["failed"] is True
+    assert "is not sha256: followed by 64 lower-case hex digits" in refused["msg"]
+    assert engine.actions == []
+
+
+def test_without_pull_a_missing_digest_fails_as_before(run_module, engine, fleet_args) -> None:
+    failed = run_module(sleeve.main, dict(fleet_args, pull="never"))
+    assert failed["failed"] is True
+    assert "is not present locally" in failed["msg"]
+    assert engine.actions == []
