@@ -61,6 +61,7 @@ from enclave_runtime.build.project_images import (
     sleeve_nitro_image_tag,
 )
 from enclave_runtime.errors import EnclaveOpsError
+from enclave_runtime.formats.file_digest import file_digests
 from enclave_runtime.formats.manifest import Manifest, load_manifest
 from enclave_runtime.formats.nitro_cli_rules import minimum_memory_mib
 from enclave_runtime.formats.pcr import Measurements
@@ -833,16 +834,6 @@ def check_memory(eif: Path, manifest: Manifest) -> None:
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     return file_digests(path)[0]
-
-
-def file_digests(path: str | os.PathLike[str]) -> tuple[str, str]:
-    """SHA-256 and SHA-384 (hex) of a file, read once: an EIF is hundreds of MB."""
-    sha256, sha384 = hashlib.sha256(), hashlib.sha384()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(_HASH_CHUNK), b""):
-            sha256.update(chunk)
-            sha384.update(chunk)
-    return sha256.hexdigest(), sha384.hexdigest()
 
 
 @contextlib.contextmanager

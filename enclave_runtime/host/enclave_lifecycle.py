@@ -11,6 +11,7 @@ then polls ``describe-enclaves`` until the enclave reports RUNNING, like amazon.
 
 from __future__ import annotations
 
+import hmac
 import os
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from enclave_runtime.errors import EnclaveOpsError
+from enclave_runtime.formats.file_digest import file_digests
 from enclave_runtime.formats.pcr import Measurements, pcr_differences
 from enclave_runtime.host.nitro_cli import EnclaveInfo, NitroCli, NitroCliError
 from enclave_runtime.waiting import poll
@@ -37,6 +39,10 @@ ACTION_TERMINATE = "terminate"
 
 class EnclaveLifecycleError(EnclaveOpsError):
     """The enclave cannot be brought to the state asked for."""
+
+
+class EifHashMismatchError(EnclaveLifecycleError):
+    """The EIF at eif_path is not the one the build record names (its SHA-384 differs)."""
 
 
 class EnclaveBootError(EnclaveLifecycleError):
@@ -66,6 +72,8 @@ class EnclaveSpec:
     memory_mib: int | None = None
     debug_mode: bool = False
     enclave_cid: int | None = None
+    # The build record's eif.sha384: an EIF copied to the parent must be that build's.
+    expected_sha384: str | None = None
 
     def start_settings(self) -> tuple[str, int, int]:
         """(eif_path, cpu_count, memory_mib), or an error naming the ones missing."""
@@ -206,7 +214,20 @@ def _eif_measurements(cli: NitroCli, spec: EnclaveSpec) -> Measurements | None:
             f"eif_path {spec.eif_path!r} is not a file; build the EIF first "
             "(enclaveops.nitro.eif) or fix the path"
         )
+    if spec.expected_sha384 is not None:
+        check_eif_sha384(spec.eif_path, spec.expected_sha384)
     return cli.describe_eif(spec.eif_path).measurements
+
+
+def check_eif_sha384(path: str, expected: str) -> None:
+    """EifHashMismatchError unless the file at ``path`` has SHA-384 ``expected``."""
+    found = file_digests(path)[1]
+    if not hmac.compare_digest(found, expected.lower()):
+        raise EifHashMismatchError(
+            f"eif_path {path!r} has SHA-384 {found}, but expected_sha384 is {expected.lower()}: "
+            "it is not the recorded build's EIF; copy the EIF of the build record again (its "
+            "eif.sha384), nothing was started or terminated"
+        )
 
 
 def ensure_enclave(

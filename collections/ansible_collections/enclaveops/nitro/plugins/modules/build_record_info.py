@@ -1,7 +1,7 @@
 #!/usr/bin/python
 # Copyright: EnclaveOps contributors
 # Apache License 2.0 (see https://www.apache.org/licenses/LICENSE-2.0)
-"""Ansible module enclaveops.nitro.build_record_info: thin over enclave_runtime.build.release_record."""
+"""Ansible module enclaveops.nitro.build_record_info: thin over build/release_record.py."""
 
 from __future__ import annotations
 

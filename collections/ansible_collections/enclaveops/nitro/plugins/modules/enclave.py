@@ -43,6 +43,13 @@ options:
     description:
       - The EIF to run. Required for O(state=running) and O(state=restarted).
     type: path
+  expected_sha384:
+    description:
+      - The SHA-384 the file at O(eif_path) must have, as a build record's C(eif.sha384) gives
+        it (an EIF copied to the parent from the build machine). A different file fails the
+        task before any enclave is started or terminated, in check mode too.
+    type: str
+    version_added: 0.1.0
   cpu_count:
     description:
       - vCPUs for the enclave (C(--cpu-count)). Required for O(state=running) and
@@ -99,6 +106,21 @@ EXAMPLES = r"""
     memory_mib: 1024
   become: true
   register: app_enclave
+
+- name: On a fleet parent, copy the recorded build's EIF and run it only if it is that build's
+  block:
+    - name: Copy the EIF the build machine wrote (image eif_output), fetched to the controller
+      ansible.builtin.copy:
+        src: "{{ hello_eif }}"
+        dest: /opt/enclaves/hello.eif
+        mode: "0644"
+    - name: Run it, checked against the build record
+      enclaveops.nitro.enclave:
+        name: hello
+        eif_path: /opt/enclaves/hello.eif
+        expected_sha384: "{{ record.eif.sha384 }}"
+        cpu_count: 2
+        memory_mib: 1024
 
 - name: Restart it
   enclaveops.nitro.enclave:
@@ -219,6 +241,7 @@ def spec_from_params(lifecycle, params):
         memory_mib=params["memory_mib"],
         debug_mode=params["debug_mode"],
         enclave_cid=params["enclave_cid"],
+        expected_sha384=params["expected_sha384"],
     )
 
 
@@ -270,6 +293,7 @@ def main():
             name=dict(type="str", required=True),
             state=dict(type="str", choices=["running", "absent", "restarted"], default="running"),
             eif_path=dict(type="path"),
+            expected_sha384=dict(type="str"),
             cpu_count=dict(type="int"),
             memory_mib=dict(type="int"),
             debug_mode=dict(type="bool", default=False),

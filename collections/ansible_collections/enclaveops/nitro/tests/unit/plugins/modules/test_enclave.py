@@ -6,6 +6,9 @@ nitro-emu is; the EIFs are real.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import pytest
 from ansible_collections.enclaveops.nitro.plugins.modules import enclave
 from ansible_collections.enclaveops.nitro.tests.unit.plugins.modules import fake_nitro_cli
@@ -102,3 +105,25 @@ def test_a_missing_nitro_cli_says_how_to_point_at_it(run_module, eif, tmp_path) 
     )
     assert result["failed"]
     assert "nitro_cli_path in Ansible" in result["msg"]
+
+
+def test_an_eif_with_the_recorded_sha384_runs(run_module, common, eif) -> None:
+    recorded = hashlib.sha384(Path(eif).read_bytes()).hexdigest()
+    started = run_module(enclave.main, app(common, eif, expected_sha384=recorded.upper()))
+    assert (started["failed"], started["changed"]) == (False, True)
+
+
+def test_another_eif_is_refused_before_anything_is_terminated(run_module, common, eif) -> None:
+    first = run_module(enclave.main, app(common, eif))
+    recorded = hashlib.sha384(Path(eif).read_bytes()).hexdigest()
+    build_eif(b"kernel", "console=ttyS0", [b"bootstrap", b"another app"], Path(eif))
+    for check_mode in (True, False):
+        refused = run_module(
+            enclave.main, app(common, eif, expected_sha384=recorded), check_mode=check_mode
+        )
+        assert refused["failed"] is True
+        assert f"but expected_sha384 is {recorded}" in refused["msg"]
+        assert "not the recorded build's EIF" in refused["msg"]
+    still = run_module(enclave.main, {**common, "name": "app", "state": "absent"}, check_mode=True)
+    assert still["changed"] is True  # the first enclave still runs
+    assert first["enclave"]["State"] == "RUNNING"
