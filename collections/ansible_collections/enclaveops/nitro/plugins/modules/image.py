@@ -125,8 +125,9 @@ options:
     description:
       - Keep a build record of the pushed release image in this directory of the build
         machine, as C(<record_dir>/<manifest name>/<PCR0 first 16 hex>-<image digest 12
-        hex>.json): the registry digest, image ID, EIF SHA-384 and SHA-256, PCR0-2 (PCR8 when
-        signed), the manifest's SHA-256, ingress ports, aux API port and creation time.
+        hex>.json), holding the registry digest, image ID, EIF SHA-384 and SHA-256, PCR0-2
+        (PCR8 when signed), the manifest's SHA-256, ingress ports, aux API port and creation
+        time.
       - Records are written once and never overwritten. The same build recorded again leaves
         its record alone (no change); another build whose record would take the same path is
         refused. M(enclaveops.nitro.build_record_info) lists them and picks the build before a

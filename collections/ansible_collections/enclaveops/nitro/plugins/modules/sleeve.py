@@ -152,9 +152,9 @@ options:
     version_added: 0.1.0
   expected_pcrs:
     description:
-      - PCRs the image's label C(org.enclaveops.build.measurements) must hold: a mapping of
-        PCR index (C(0), C("0") or C(PCR0)) to hex, or nitro-cli's C(Measurements) (a build
-        record's C(measurements)).
+      - PCRs the image's label C(org.enclaveops.build.measurements) must hold, as a mapping
+        of PCR index (C(0), C("0") or C(PCR0)) to hex, or nitro-cli's C(Measurements) (a
+        build record's C(measurements)).
       - Any of O(expected_digest), O(expected_eif_sha384), O(expected_pcrs) that differs fails
         the task before a container is created or replaced, naming each field that differs;
         the running container is left as it is.
