@@ -97,12 +97,10 @@ def registry_digest(client: DockerClient, reference: str, auth: RegistryAuth | N
         data = client.images.get_registry_data(
             reference, auth_config=auth.auth_config() if auth else None
         )
-    except docker.errors.NotFound:
+    except docker.errors.NotFound:  # the engine answers 404 for "manifest unknown"
         return None
     except docker.errors.APIError as err:
         explanation = str(getattr(err, "explanation", "") or err)
-        if "manifest unknown" in explanation or "not found" in explanation.lower():
-            return None
         raise RegistryPushError(_registry_problem(reference, explanation)) from None
     except (docker.errors.DockerException, OSError) as err:
         raise RegistryPushError(_registry_problem(reference, str(err))) from None

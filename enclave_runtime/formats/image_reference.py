@@ -70,6 +70,17 @@ def parse_digest_reference(text: str) -> DigestReference:
     return DigestReference(repository, digest, tag)
 
 
+def parse_digest(text: str, field: str = "expected_digest") -> str:
+    """A registry digest alone, ``sha256:<64 lower-case hex>``; ImageReferenceError naming
+    ``field`` otherwise."""
+    if not isinstance(text, str) or not _DIGEST.match(text):
+        raise ImageReferenceError(
+            f"{field} {text!r:.120} is not sha256: followed by 64 lower-case hex digits; use the "
+            "build record's image.digest"
+        )
+    return text
+
+
 def parse_repository(text: str, field: str = "push_repository") -> tuple[str, str | None]:
     """``[HOST[:PORT]/]path[:tag]`` (no digest: where to push), split into repository and tag."""
     repository, tag = split_tag(text) if isinstance(text, str) else ("", None)

@@ -17,8 +17,10 @@ import hmac
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from enclave_runtime.errors import EnclaveOpsError
 from enclave_runtime.formats.image_reference import (
     is_digest_reference,
+    parse_digest,
     parse_digest_reference,
 )
 from enclave_runtime.formats.release_labels import (
@@ -38,6 +40,10 @@ if TYPE_CHECKING:
     from docker import DockerClient
 
 PULL_POLICIES = ("never", "missing", "always")
+
+
+class PullPolicyError(EnclaveOpsError):
+    """A pull policy that is not one of :data:`PULL_POLICIES`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +78,7 @@ def expectation_for(
     """The checks for ``reference``: a ``repository@sha256:D`` reference expects D itself when
     no ``digest`` is given (D is then a registry digest, unless it is a local image ID)."""
     if digest is not None:
-        digest = parse_digest_reference(f"expected_digest@{digest}").digest
+        digest = parse_digest(digest)
     elif is_digest_reference(reference):
         digest = parse_digest_reference(reference).digest
     return ReleaseExpectation(digest, eif_sha384.lower() if eif_sha384 else None, dict(pcrs or {}))
@@ -89,7 +95,7 @@ def prepare_release_image(
 ) -> PreparedRelease:
     """Pull ``reference`` as ``pull`` asks, resolve it, and check it against ``expected``."""
     if pull not in PULL_POLICIES:
-        raise ImageNotFoundError(f"pull {pull!r} is not one of {', '.join(PULL_POLICIES)}")
+        raise PullPolicyError(f"pull {pull!r} is not one of {', '.join(PULL_POLICIES)}")
     if is_digest_reference(reference):
         parse_digest_reference(reference)  # a malformed digest never reaches a registry
     present = _resolve_or_none(client, reference)

@@ -217,3 +217,13 @@ def test_credentials_come_in_pairs() -> None:
     with pytest.raises(DockerError, match="registry_username is not set"):
         registry_auth(None, "token")
     assert "token" not in repr(registry_auth("AWS", "token"))
+
+
+def test_a_malformed_expected_digest_names_the_option() -> None:
+    with pytest.raises(ImageReferenceError, match=r"expected_digest 'sha256:12' is not sha256:"):
+        release_pull.expectation_for("hello:latest", digest="sha256:12")
+
+
+def test_an_unknown_pull_policy_is_refused(engine) -> None:
+    with pytest.raises(release_pull.PullPolicyError, match="is not one of never, missing, always"):
+        release_pull.prepare_release_image(engine, f"{REPO}@{DIGEST}", pull="sometimes")

@@ -384,9 +384,9 @@ def release_image(module, modules, client):
             expected=expectation(module, pulling, attestation_client),
             check_mode=module.check_mode,
         )
-    except engine.ImageNotFoundError as err:
+    except engine.ImageNotFoundError:
         if module.check_mode:
-            return pulling.PreparedRelease(None, False, str(err))
+            return pulling.PreparedRelease(None, False)
         raise
 
 
