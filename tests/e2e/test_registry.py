@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -32,6 +34,7 @@ from enclave_runtime.formats.release_labels import (
 )
 from enclave_runtime.host import release_pull
 from enclave_runtime.host.docker_engine import ImagePullError, RegistryAuth, docker_client
+from tests.conftest import REPO_ROOT
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 docker = pytest.importorskip("docker")
@@ -129,6 +132,8 @@ def release_image(client, content: bytes, tag: str, measurements: Measurements =
     }
     # Dockerfile syntax: a JSON string literal is a valid double-quoted LABEL value.
     changes = [f"LABEL {json.dumps(key)}={json.dumps(value)}" for key, value in labels.items()]
+    # A command, so that a container can be created (never started: there is no sleeve inside).
+    changes.append('CMD ["/enclave/application.eif"]')
     client.api.import_image_from_data(
         archive.getvalue(), repository=LOCAL, tag=tag, changes=changes
     )
@@ -239,3 +244,90 @@ def test_an_image_with_other_pcrs_is_refused_naming_the_pcr(registry, client) ->
             ),
         )
     assert refused.value.fields == ("PCR0",)
+
+
+# --- the sleeve module through ansible-playbook ------------------------------------------------
+
+CONTAINER = "enclaveops-test-registry-sleeve"
+
+
+def play(work: Path, args: dict, check_mode: bool = False) -> dict:
+    """One enclaveops.nitro.sleeve task run by ansible-playbook; its registered result."""
+    out = work / "result.json"
+    task = {
+        "enclaveops.nitro.sleeve": args,
+        "register": "result",
+        "ignore_errors": True,
+        "check_mode": check_mode,
+    }
+    save = {"ansible.builtin.copy": {"content": "{{ result | to_json }}", "dest": str(out)}}
+    (work / "play.yml").write_text(
+        json.dumps([{"hosts": "localhost", "gather_facts": False, "tasks": [task, save]}])
+    )
+    completed = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ansible-playbook"),
+            *("-i", "localhost,", "-c", "local"),
+            *("-e", f"ansible_python_interpreter={sys.executable}"),
+            str(work / "play.yml"),
+        ],
+        cwd=work,  # away from the repository's ansible.cfg
+        env=dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(REPO_ROOT / "collections")),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    return json.loads(out.read_text())
+
+
+@pytest.fixture
+def sleeve_work(tmp_path: Path, client) -> Iterator[Path]:
+    yield tmp_path
+    with contextlib.suppress(docker.errors.NotFound):
+        client.containers.get(CONTAINER).remove(force=True)
+
+
+def test_the_sleeve_module_pulls_the_record_by_digest_and_refuses_another_build(
+    registry, client, sleeve_work
+) -> None:
+    pushed = push_release(
+        client, release_image(client, b"the EIF a parent runs", "s"), f"{registry}/hello:4.0",
+        auth=AUTH,
+    )  # fmt: skip
+    _forget(client, f"{registry}/hello:4.0", f"{LOCAL}:s")
+    args = {
+        "name": CONTAINER,
+        "image": pushed.repo_digest,
+        "state": "stopped",  # created, not started: the tiny image has no sleeve
+        "emulator_root": str(sleeve_work / "emu"),
+        "pull": "missing",
+        "registry_username": USER,
+        "registry_password": PASSWORD,
+        "expected_eif_sha384": EIF_SHA384,
+        "expected_pcrs": PCRS.to_nitro_cli(),
+    }
+
+    predicted = play(sleeve_work, args, check_mode=True)
+    assert (predicted["changed"], predicted["pulled"]) == (True, True), predicted
+    assert predicted["reason"].startswith(f"would pull {pushed.repo_digest}")
+    with pytest.raises(docker.errors.ImageNotFound):
+        client.images.get(pushed.repo_digest)  # check mode pulled nothing
+
+    created = play(sleeve_work, args)
+    assert created.get("failed") is not True, created
+    assert (created["changed"], created["pulled"]) == (True, True)
+    image_id = client.images.get(pushed.repo_digest).id
+    assert created["container"]["image_id"] == image_id
+    assert PASSWORD not in json.dumps(created)
+
+    again = play(sleeve_work, args)
+    assert again.get("failed") is not True, again
+    assert (again["changed"], again["pulled"]) == (False, False)
+
+    wrong = dict(args, expected_pcrs={**PCRS.to_nitro_cli(), "PCR2": "00" * 48})
+    refused = play(sleeve_work, wrong)
+    assert refused["failed"] is True
+    assert f"PCR2 is {'02' * 48}, expected {'00' * 48}" in refused["msg"]
+    assert client.containers.get(CONTAINER).image.id == image_id  # left as it was
