@@ -1,10 +1,12 @@
 """Build once, deploy many, on the bed: playbooks/build.yml builds on the builder from copies of
-the manifest and the app context, pulls the app's base from the bed's registry and pushes the
-release image there; playbooks/rolling-update.yml rolls it to every parent (canary first),
-each parent pulling it by the recorded digest. From the controller every parent's app answers
-and attests the PCRs of the one build record; a second roll changes nothing.
+the manifest and the app context, from source images it pulls from the bed's registry, and
+pushes the release image there; playbooks/rolling-update.yml rolls it to every parent (one
+canary, then the rest), each parent pulling it by the recorded digest. From the controller every
+parent's app answers and attests the PCRs of the one build record; a second roll changes
+nothing; a broken build stops at the canary while the other parents serve without a failed
+request.
 
-build.yml runs over the ssh connection, the rolls over paramiko (first) and ssh (second)."""
+build.yml and the later rolls run over the ssh connection, the first roll over paramiko."""
 
 from __future__ import annotations
 
@@ -50,15 +52,20 @@ FLEET_VARS = {
 }
 
 
-def _inventory(bed: Bed, directory: Path, connection: str, images: dict[str, str]) -> Path:
+def _inventory(bed: Bed, directory: Path, connection: str, images: dict[str, str] | None) -> Path:
+    """The bed's inventory with FLEET_VARS; with ``images`` the project's images come from the
+    registry (pinned digests), without them the nitro_host role builds them on the controller
+    and loads them on each host (docker save/load, batch by batch)."""
     inventory = bed.inventory(connection)
-    inventory["all"]["vars"] = {  # type: ignore[index]
-        **FLEET_VARS,
-        # Pinned digests: every host pulls the same project images, whatever the controller's
-        # engine holds by then.
-        "nitro_host_runtime_image": images["runtime"],
-        "nitro_host_sleeve_image": images["sleeve"],
-    }
+    pulled = (
+        {}
+        if images is None
+        else {
+            "nitro_host_runtime_image": images["runtime"],
+            "nitro_host_sleeve_image": images["sleeve"],
+        }
+    )
+    inventory["all"]["vars"] = {**FLEET_VARS, **pulled}  # type: ignore[index]
     path = directory / f"fleet-{connection}.yml"
     path.write_text(yaml.safe_dump(inventory))
     return path
@@ -146,7 +153,7 @@ def build(bed: Bed, work: Path, images: dict[str, str]) -> dict[str, Any]:
 
 
 def _roll(
-    bed: Bed, work: Path, images: dict[str, str], record: dict[str, Any], connection: str
+    bed: Bed, work: Path, images: dict[str, str] | None, record: dict[str, Any], connection: str
 ) -> str:
     (work / "record.json").write_text(json.dumps(record))
     extra = {
@@ -165,8 +172,10 @@ def _roll(
 
 
 @pytest.fixture(scope="module")
-def first_roll(bed: Bed, work: Path, images: dict[str, str], build: dict[str, Any]) -> str:
-    return _roll(bed, work, images, build, "paramiko")
+def first_roll(bed: Bed, work: Path, build: dict[str, Any]) -> str:
+    # The project's images by docker save/load from the controller (the same IDs the images
+    # fixture pushed): the second roll pulls them from the registry and must change nothing.
+    return _roll(bed, work, None, build, "paramiko")
 
 
 def _parents(bed: Bed) -> list[Host]:
